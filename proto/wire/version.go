@@ -1,0 +1,24 @@
+// Package wire holds the Edgefleet MQTT protocol around the generated
+// messages in proto/edgefleetv1: the topic tree, the envelope, the payload
+// cap, and the protocol version.
+package wire
+
+// ProtocolVersion is the version of the wire contract this code speaks. It
+// goes up by one for every change a peer may need to know about; peers accept
+// any version from MinProtocolVersion up to their own and ignore fields they
+// do not know (protobuf rules).
+//
+// Changelog:
+//
+//	1 (2026-11-26): first version. Envelope with hello, state, presence,
+//	  event, telemetry batch, telemetry ack, signed desired state and command
+//	  bodies; topics under ef/v1/dev/{id}/.
+const ProtocolVersion = 1
+
+// MinProtocolVersion is the oldest protocol version this code accepts.
+const MinProtocolVersion = 1
+
+// MaxPayload caps the size of one MQTT payload. It is checked before any
+// decoding; a bigger payload is dropped and counted by the receiver.
+// Telemetry batches are sized by the agent to stay well below it.
+const MaxPayload = 256 << 10
