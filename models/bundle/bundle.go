@@ -26,6 +26,8 @@ import (
 	"os"
 	"regexp"
 	"time"
+
+	"github.com/edgefleet/edgefleet/models/tensor"
 )
 
 // Member names inside the bundle archive.
@@ -134,9 +136,24 @@ func (m *Manifest) Validate() error {
 	if len(m.Inputs) == 0 || len(m.Outputs) == 0 {
 		return fmt.Errorf("%w: manifest must list at least one input and one output tensor", ErrInvalid)
 	}
-	for _, s := range append(append([]TensorSpec{}, m.Inputs...), m.Outputs...) {
-		if s.Name == "" || s.Datatype == "" {
-			return fmt.Errorf("%w: manifest tensor %+v needs a name and a datatype", ErrInvalid, s)
+	for _, list := range [][]TensorSpec{m.Inputs, m.Outputs} {
+		seen := map[string]bool{}
+		for _, s := range list {
+			if s.Name == "" || s.Datatype == "" {
+				return fmt.Errorf("%w: manifest tensor %+v needs a name and a datatype", ErrInvalid, s)
+			}
+			if _, err := tensor.ParseDType(s.Datatype); err != nil {
+				return fmt.Errorf("%w: manifest tensor %q: %v", ErrInvalid, s.Name, err)
+			}
+			for _, d := range s.Shape {
+				if d < -1 {
+					return fmt.Errorf("%w: manifest tensor %q has dimension %d; use -1 for a free dimension", ErrInvalid, s.Name, d)
+				}
+			}
+			if seen[s.Name] {
+				return fmt.Errorf("%w: manifest lists tensor %q twice", ErrInvalid, s.Name)
+			}
+			seen[s.Name] = true
 		}
 	}
 	return nil
@@ -247,6 +264,11 @@ func Decode(data []byte) (*Bundle, error) {
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&b.Manifest); err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrInvalid, ManifestName, err)
+	}
+	// One JSON object and nothing else: bytes after it would be covered by
+	// the signature yet ignored by every reader.
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, fmt.Errorf("%w: %s has data after its JSON object", ErrInvalid, ManifestName)
 	}
 	if err := b.Manifest.Validate(); err != nil {
 		return nil, err
