@@ -1,0 +1,205 @@
+package api
+
+import (
+	"time"
+
+	"github.com/edgefleet/edgefleet/controller/inventory"
+	"github.com/edgefleet/edgefleet/controller/store"
+	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
+	"google.golang.org/protobuf/proto"
+)
+
+// The JSON documents of the API. Field names are part of the contract with
+// the fleet CLI and users' scripts: add fields freely, never rename one.
+
+// ModelRef names a model version and its bundle.
+type ModelRef struct {
+	Name    string `json:"name"`
+	Version string `json:"version"`
+	Digest  string `json:"digest"`
+}
+
+// Slot is what a device reports for one slot.
+type Slot struct {
+	Slot        string    `json:"slot"`
+	Active      *ModelRef `json:"active"`
+	Previous    *ModelRef `json:"previous"`
+	ActiveSince *string   `json:"activeSince"`
+	Pending     *ModelRef `json:"pending"`
+	LastError   string    `json:"lastError"`
+}
+
+// DesiredSlot is what the controller wants in one slot.
+type DesiredSlot struct {
+	Slot    string `json:"slot"`
+	Name    string `json:"name"`
+	Version string `json:"version"`
+	Digest  string `json:"digest"`
+}
+
+// Desired is a device's desired state.
+type Desired struct {
+	Generation uint64        `json:"generation"`
+	Slots      []DesiredSlot `json:"slots"`
+}
+
+// Event is a deployment step a device reported.
+type Event struct {
+	Kind    string `json:"kind"`
+	Slot    string `json:"slot"`
+	Name    string `json:"name"`
+	Version string `json:"version"`
+	Detail  string `json:"detail"`
+	At      string `json:"at"`
+}
+
+// Device is the API's view of one device.
+type Device struct {
+	ID                 string            `json:"id"`
+	Labels             map[string]string `json:"labels"`
+	Online             bool              `json:"online"`
+	LastSeen           *string           `json:"lastSeen"`
+	AgentVersion       string            `json:"agentVersion"`
+	OS                 string            `json:"os"`
+	Arch               string            `json:"arch"`
+	Health             string            `json:"health"`
+	Slots              []Slot            `json:"slots"`
+	Desired            *Desired          `json:"desired"`
+	ReportedGeneration uint64            `json:"reportedGeneration"`
+	SpoolDepth         uint64            `json:"spoolDepth"`
+	Inferences         int64             `json:"inferences"`
+	InferenceErrors    int64             `json:"inferenceErrors"`
+	LastEvents         []Event           `json:"lastEvents"`
+}
+
+// DeviceList is the body of GET /v1/devices.
+type DeviceList struct {
+	Devices []Device `json:"devices"`
+}
+
+// Model is a stored model version.
+type Model struct {
+	Name      string `json:"name"`
+	Version   string `json:"version"`
+	Digest    string `json:"digest"`
+	Size      int64  `json:"size"`
+	CreatedAt string `json:"createdAt"`
+}
+
+// ModelList is the body of GET /v1/models.
+type ModelList struct {
+	Models []Model `json:"models"`
+}
+
+// AssignmentRequest is the body of POST /v1/assignments.
+type AssignmentRequest struct {
+	Model    string `json:"model"`
+	Version  string `json:"version"`
+	Slot     string `json:"slot"`
+	Selector string `json:"selector"`
+}
+
+// AssignmentResponse is the answer to POST /v1/assignments.
+type AssignmentResponse struct {
+	// Devices are the devices whose desired state now names the model.
+	Devices []string `json:"devices"`
+	// Unpublished lists devices whose new desired state the broker has not
+	// acknowledged yet; it is stored and sent again after a reconnect.
+	Unpublished []string `json:"unpublished,omitempty"`
+}
+
+// Error is the body of every error response.
+type Error struct {
+	Error string `json:"error"`
+}
+
+func rfc3339(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.UTC().Format(time.RFC3339)
+}
+
+// optTime is nil (JSON null) for the zero time: clients decode these
+// fields into *time.Time, which "" would break.
+func optTime(t time.Time) *string {
+	if t.IsZero() {
+		return nil
+	}
+	s := rfc3339(t)
+	return &s
+}
+
+func modelRef(m *pb.ModelRef) *ModelRef {
+	if m == nil || (m.GetName() == "" && m.GetVersion() == "" && m.GetBundleSha256() == "") {
+		return nil
+	}
+	return &ModelRef{Name: m.GetName(), Version: m.GetVersion(), Digest: m.GetBundleSha256()}
+}
+
+func modelJSON(m store.Model) Model {
+	return Model{Name: m.Name, Version: m.Version, Digest: m.Digest, Size: m.Size, CreatedAt: rfc3339(m.CreatedAt)}
+}
+
+// deviceJSON builds the API view of a stored device. A reported state that
+// does not decode (it was stored by the controller itself, so this means a
+// bug or a damaged database) leaves the slots empty rather than hiding the
+// device.
+func deviceJSON(d store.Device) (Device, error) {
+	out := Device{
+		ID:                 d.ID,
+		Labels:             d.Labels,
+		Online:             d.Online,
+		LastSeen:           optTime(d.LastSeen),
+		AgentVersion:       d.AgentVersion,
+		OS:                 d.OS,
+		Arch:               d.Arch,
+		Health:             d.Health,
+		Slots:              []Slot{},
+		ReportedGeneration: d.ReportedGeneration,
+		SpoolDepth:         d.SpoolDepth,
+		Inferences:         d.Inferences,
+		InferenceErrors:    d.InferenceErrors,
+		LastEvents:         []Event{},
+	}
+	if out.Labels == nil {
+		out.Labels = map[string]string{}
+	}
+	if out.Health == "" {
+		out.Health = store.HealthUnknown
+	}
+	if d.Desired != nil {
+		des := &Desired{Generation: d.Desired.Generation, Slots: []DesiredSlot{}}
+		for _, s := range d.Desired.Slots {
+			des.Slots = append(des.Slots, DesiredSlot{Slot: s.Slot, Name: s.Model, Version: s.Version, Digest: s.Digest})
+		}
+		out.Desired = des
+	}
+	for _, e := range d.LastEvents {
+		out.LastEvents = append(out.LastEvents, Event{Kind: e.Kind, Slot: e.Slot, Name: e.Model, Version: e.Version, Detail: e.Detail, At: rfc3339(e.At)})
+	}
+	if len(d.State) == 0 {
+		return out, nil
+	}
+	var st pb.ReportedState
+	if err := proto.Unmarshal(d.State, &st); err != nil {
+		return out, err
+	}
+	for _, s := range st.GetSlots() {
+		slot := Slot{
+			Slot:      s.GetSlot(),
+			Active:    modelRef(s.GetActive()),
+			Previous:  modelRef(s.GetPrevious()),
+			Pending:   modelRef(s.GetPending()),
+			LastError: s.GetLastError(),
+		}
+		if ms := s.GetActiveSinceUnixMs(); ms > 0 {
+			slot.ActiveSince = optTime(time.UnixMilli(ms))
+		}
+		out.Slots = append(out.Slots, slot)
+	}
+	if out.Health == store.HealthUnknown {
+		out.Health = inventory.HealthName(st.GetHealth())
+	}
+	return out, nil
+}

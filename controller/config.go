@@ -1,0 +1,132 @@
+package controller
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// Config is the controller's configuration: flags, EDGEFLEET_* environment
+// variables and defaults, in that order of precedence.
+type Config struct {
+	// DataDir holds controller.db and artifacts/ (--data, EDGEFLEET_DATA).
+	DataDir string
+	// MQTTListen is the embedded broker's address (--mqtt-listen,
+	// EDGEFLEET_MQTT_LISTEN). Ignored when Broker is set.
+	MQTTListen string
+	// Broker, if set, is an external broker's URL, e.g.
+	// tcp://10.0.0.5:1883; no broker is embedded then (--broker,
+	// EDGEFLEET_BROKER).
+	Broker string
+	// HTTPListen is the API's address (--http-listen, EDGEFLEET_HTTP_LISTEN).
+	HTTPListen string
+	// PublicURL is the base URL agents download artifacts from
+	// (--public-url, EDGEFLEET_PUBLIC_URL). Empty: desired states carry
+	// artifact paths (/v1/artifacts/<digest>) that each agent resolves
+	// against its own --controller URL, which is right whenever agents
+	// reach the controller directly.
+	PublicURL string
+	// LogLevel is debug, info, warn or error (--log-level,
+	// EDGEFLEET_LOG_LEVEL).
+	LogLevel string
+
+	// Tests shorten the MQTT link's waits; zero means the link's defaults.
+	publishTimeout, connectTimeout time.Duration
+}
+
+// DefaultConfig returns the configuration of a controller started with no
+// flags: one machine, one working fleet.
+func DefaultConfig() Config {
+	return Config{
+		DataDir:    "./data",
+		MQTTListen: "127.0.0.1:1883",
+		HTTPListen: "127.0.0.1:8080",
+		LogLevel:   "info",
+	}
+}
+
+// ApplyEnv overrides fields from EDGEFLEET_* variables that are set.
+func (c *Config) ApplyEnv(getenv func(string) string) {
+	for name, dst := range c.fields() {
+		if v := getenv("EDGEFLEET_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))); v != "" {
+			*dst = v
+		}
+	}
+}
+
+// RegisterFlags defines the controller's flags on fs, defaulting to c's
+// current values (so call ApplyEnv first and the flags win).
+func (c *Config) RegisterFlags(fs *flag.FlagSet) {
+	fs.StringVar(&c.DataDir, "data", c.DataDir, "directory for the database and artifacts")
+	fs.StringVar(&c.MQTTListen, "mqtt-listen", c.MQTTListen, "address of the embedded MQTT broker")
+	fs.StringVar(&c.Broker, "broker", c.Broker, "URL of an external MQTT broker (e.g. tcp://127.0.0.1:1883); no broker is embedded then")
+	fs.StringVar(&c.HTTPListen, "http-listen", c.HTTPListen, "address of the HTTP API")
+	fs.StringVar(&c.PublicURL, "public-url", c.PublicURL, "base URL agents download artifacts from (default: agents use their own --controller URL)")
+	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn or error")
+}
+
+func (c *Config) fields() map[string]*string {
+	return map[string]*string{
+		"data":        &c.DataDir,
+		"mqtt-listen": &c.MQTTListen,
+		"broker":      &c.Broker,
+		"http-listen": &c.HTTPListen,
+		"public-url":  &c.PublicURL,
+		"log-level":   &c.LogLevel,
+	}
+}
+
+// Validate checks the configuration and normalises PublicURL (no trailing
+// slash). Each error names the flag and what to write instead.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.DataDir == "" {
+		errs = append(errs, errors.New("--data is empty; give the directory for the controller's database"))
+	}
+	if err := checkAddr(c.HTTPListen); err != nil {
+		errs = append(errs, fmt.Errorf("--http-listen: %w", err))
+	}
+	if c.Broker == "" {
+		if err := checkAddr(c.MQTTListen); err != nil {
+			errs = append(errs, fmt.Errorf("--mqtt-listen: %w", err))
+		}
+	} else if u, err := url.Parse(c.Broker); err != nil || u.Host == "" || u.Scheme == "" {
+		errs = append(errs, fmt.Errorf("--broker %q: want a URL such as tcp://127.0.0.1:1883", c.Broker))
+	}
+	if c.PublicURL != "" {
+		u, err := url.Parse(c.PublicURL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
+			errs = append(errs, fmt.Errorf("--public-url %q: want an http(s) URL such as http://controller.example:8080", c.PublicURL))
+		}
+		c.PublicURL = strings.TrimRight(c.PublicURL, "/")
+	}
+	if _, err := c.Level(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// Level returns the slog level named by LogLevel.
+func (c *Config) Level() (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		return 0, fmt.Errorf("--log-level %q: use debug, info, warn or error", c.LogLevel)
+	}
+	return l, nil
+}
+
+func checkAddr(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port (e.g. 127.0.0.1:8080): %w", addr, err)
+	}
+	if port == "" {
+		return fmt.Errorf("%q has no port", addr)
+	}
+	return nil
+}

@@ -1,0 +1,65 @@
+package controller
+
+import (
+	"flag"
+	"io"
+	"strings"
+	"testing"
+)
+
+func TestConfigPrecedence(t *testing.T) {
+	env := map[string]string{
+		"EDGEFLEET_DATA":        "/env/data",
+		"EDGEFLEET_HTTP_LISTEN": "0.0.0.0:9000",
+		"EDGEFLEET_PUBLIC_URL":  "http://fleet:9000/",
+	}
+	cfg := DefaultConfig()
+	cfg.ApplyEnv(func(k string) string { return env[k] })
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	cfg.RegisterFlags(fs)
+	if err := fs.Parse([]string{"--data", "/flag/data", "--log-level", "debug"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	want := Config{DataDir: "/flag/data", MQTTListen: "127.0.0.1:1883", HTTPListen: "0.0.0.0:9000", PublicURL: "http://fleet:9000", LogLevel: "debug"}
+	if cfg != want {
+		t.Fatalf("config = %+v, want %+v", cfg, want)
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	cases := []struct {
+		name   string
+		mutate func(*Config)
+		want   string
+	}{
+		{"defaults", func(*Config) {}, ""},
+		{"external broker ignores mqtt-listen", func(c *Config) { c.Broker = "tcp://b:1883"; c.MQTTListen = "" }, ""},
+		{"no data", func(c *Config) { c.DataDir = "" }, "--data is empty"},
+		{"bad http", func(c *Config) { c.HTTPListen = "8080" }, "--http-listen"},
+		{"bad mqtt", func(c *Config) { c.MQTTListen = "localhost" }, "--mqtt-listen"},
+		{"bad broker", func(c *Config) { c.Broker = "b:1883" }, "--broker"},
+		{"bad public url", func(c *Config) { c.PublicURL = "fleet:9000" }, "--public-url"},
+		{"bad level", func(c *Config) { c.LogLevel = "loud" }, "--log-level"},
+		{"two errors", func(c *Config) { c.DataDir = ""; c.LogLevel = "loud" }, "--data is empty"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := DefaultConfig()
+			c.mutate(&cfg)
+			err := cfg.Validate()
+			if c.want == "" {
+				if err != nil {
+					t.Fatalf("Validate: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("Validate = %v, want %q", err, c.want)
+			}
+		})
+	}
+}

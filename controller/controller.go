@@ -1,0 +1,328 @@
+// Package controller assembles the Edgefleet control plane: the embedded
+// MQTT broker (or a link to an external one), the SQLite store, the
+// inventory and telemetry ingest fed by device messages, the director that
+// publishes desired states, the model registry, and the HTTP API.
+//
+// Lifecycle: New opens the store and binds every listener (so address
+// conflicts fail fast and tests can use port 0); Run serves until its
+// context ends and then stops the parts in dependency order: HTTP first (no
+// new assignments), then the MQTT link (no new messages), then the broker,
+// then the database.
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/edgefleet/edgefleet/controller/api"
+	"github.com/edgefleet/edgefleet/controller/broker"
+	"github.com/edgefleet/edgefleet/controller/director"
+	"github.com/edgefleet/edgefleet/controller/inventory"
+	"github.com/edgefleet/edgefleet/controller/link"
+	"github.com/edgefleet/edgefleet/controller/metrics"
+	"github.com/edgefleet/edgefleet/controller/registry"
+	"github.com/edgefleet/edgefleet/controller/store"
+	"github.com/edgefleet/edgefleet/controller/telemetry"
+	"github.com/edgefleet/edgefleet/proto/wire"
+)
+
+// Controller is one assembled control plane.
+type Controller struct {
+	cfg       Config
+	log       *slog.Logger
+	store     *store.Store
+	broker    *broker.Broker // nil with an external broker
+	brokerURL string
+	link      *link.Link
+	inventory *inventory.Inventory
+	ingest    *telemetry.Ingest
+	director  *director.Director
+	metrics   *metrics.Registry
+	httpLn    net.Listener
+	httpSrv   *http.Server
+}
+
+// New validates cfg, opens the store and binds the listeners. Call Run to
+// serve, or Close to release what New took.
+func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o755); err != nil {
+		return nil, fmt.Errorf("data directory: %w", err)
+	}
+	st, err := store.Open(ctx, filepath.Join(cfg.DataDir, store.FileName))
+	if err != nil {
+		return nil, err
+	}
+	c := &Controller{cfg: cfg, log: log, store: st, metrics: metrics.NewRegistry()}
+	ok := false
+	defer func() {
+		if !ok {
+			c.Close()
+		}
+	}()
+
+	c.brokerURL = cfg.Broker
+	if cfg.Broker == "" {
+		c.broker, err = broker.New(broker.Options{Listen: cfg.MQTTListen, Logger: log.With("component", "broker"), Retained: st})
+		if err != nil {
+			return nil, err
+		}
+		c.brokerURL = "tcp://" + dialable(c.broker.Addr())
+	}
+	linkURL := c.brokerURL
+	if c.broker != nil {
+		linkURL = "tcp://" + c.broker.InternalAddr().String()
+	}
+
+	reg, err := registry.New(cfg.DataDir, st, log)
+	if err != nil {
+		return nil, err
+	}
+	c.link, err = link.New(link.Options{
+		Broker:    linkURL,
+		Handler:   link.HandlerFunc(c.handleMessage),
+		Logger:    log.With("component", "mqtt"),
+		Metrics:   c.metrics,
+		OnConnect: c.onConnect,
+
+		PublishTimeout: cfg.publishTimeout,
+		ConnectTimeout: cfg.connectTimeout,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("--broker: %w", err)
+	}
+	c.director = director.New(director.Options{
+		Store: st, Publisher: c.link, Logger: log, Metrics: c.metrics, ArtifactBaseURL: cfg.PublicURL,
+	})
+	c.inventory = inventory.New(st, c.director, log)
+	c.ingest = telemetry.New(telemetry.Options{Store: st, Publisher: c.link, Logger: log, Metrics: c.metrics})
+
+	c.httpLn, err = net.Listen("tcp", cfg.HTTPListen)
+	if err != nil {
+		return nil, fmt.Errorf("http: listen on %s: %w (is another controller running? pick another --http-listen)", cfg.HTTPListen, err)
+	}
+	c.httpSrv = &http.Server{
+		Handler: api.New(api.Options{
+			Devices: st, Registry: reg, Assigner: c.director, Metrics: c.metrics, Logger: log.With("component", "http"),
+		}),
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	ok = true
+	return c, nil
+}
+
+// dialable turns a listening address into one a client can dial: a
+// wildcard host (0.0.0.0, ::) becomes loopback.
+func dialable(a net.Addr) string {
+	host, port, err := net.SplitHostPort(a.String())
+	if err != nil {
+		return a.String()
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port)
+}
+
+// HTTPAddr returns the address the API listens on.
+func (c *Controller) HTTPAddr() string { return c.httpLn.Addr().String() }
+
+// MQTTAddr returns the embedded broker's address, or the external broker's
+// URL.
+func (c *Controller) MQTTAddr() string {
+	if c.broker != nil {
+		return c.broker.Addr().String()
+	}
+	return c.brokerURL
+}
+
+// Metrics returns the controller's metrics registry.
+func (c *Controller) Metrics() *metrics.Registry { return c.metrics }
+
+// Close releases what New took, for a controller that is not Run.
+func (c *Controller) Close() error {
+	if c.httpLn != nil {
+		c.httpLn.Close()
+	}
+	if c.broker != nil {
+		c.broker.Close()
+	}
+	return c.store.Close()
+}
+
+// Run serves until ctx ends or a part fails, then shuts down cleanly. ready,
+// if not nil, is called once everything listens.
+func (c *Controller) Run(ctx context.Context, ready func()) error {
+	if c.broker != nil {
+		// Nobody is connected to a broker that is only now starting.
+		if err := c.store.MarkAllOffline(ctx); err != nil {
+			c.Close()
+			return fmt.Errorf("mark devices offline: %w", err)
+		}
+	}
+	type result struct {
+		part string
+		err  error
+	}
+	results := make(chan result, 3)
+	c.log.Info("controller starting", "mqtt", c.MQTTAddr(), "broker_embedded", c.broker != nil)
+	running := 0
+	start := func(part string, fn func() error) {
+		running++
+		go func() { results <- result{part, fn()} }()
+	}
+
+	brokerCtx, stopBroker := context.WithCancel(context.Background())
+	defer stopBroker()
+	linkCtx, stopLink := context.WithCancel(context.Background())
+	defer stopLink()
+	if c.broker != nil {
+		start("broker", func() error { return c.broker.Run(brokerCtx) })
+	}
+	start("mqtt link", func() error { return c.link.Run(linkCtx) })
+
+	var firstErr error
+	done := map[string]bool{}
+	record := func(r result) {
+		running--
+		done[r.part] = true
+		if r.err == nil && firstErr == nil && ctx.Err() == nil {
+			r.err = errors.New("stopped unexpectedly")
+		}
+		if r.err != nil && firstErr == nil {
+			firstErr = fmt.Errorf("%s: %w", r.part, r.err)
+			c.log.Error("controller part stopped; shutting down", "part", r.part, "err", r.err)
+		}
+	}
+
+	// Devices are let in, and the API answers, only once the controller's
+	// own subscriptions are in place (see broker.Broker).
+	serving := false
+	select {
+	case <-ctx.Done():
+	case r := <-results:
+		record(r)
+	case <-c.link.Ready():
+		serving = true
+	}
+	if serving {
+		if c.broker != nil {
+			if err := c.broker.Open(); err != nil {
+				firstErr = err
+				serving = false
+			}
+		}
+	}
+	if serving {
+		start("http", func() error {
+			if err := c.httpSrv.Serve(c.httpLn); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		})
+		c.log.Info("controller ready", "http", c.HTTPAddr(), "mqtt", c.MQTTAddr(), "data", c.cfg.DataDir)
+		if ready != nil {
+			ready()
+		}
+		select {
+		case <-ctx.Done():
+		case r := <-results:
+			record(r)
+		}
+	}
+
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.httpSrv.Shutdown(shutdownCtx); err != nil {
+		c.log.Warn("http shutdown", "err", err)
+	}
+	c.httpLn.Close() // never served if shut down before ready
+	stopLink()
+	// The broker goes last among the network parts, so the link's
+	// disconnect reaches it. An empty part waits for all.
+	waitFor := func(part string) {
+		for running > 0 && (part == "" || !done[part]) {
+			record(<-results)
+		}
+	}
+	waitFor("mqtt link")
+	stopBroker()
+	waitFor("")
+	if err := c.store.Close(); err != nil && firstErr == nil {
+		firstErr = fmt.Errorf("close database: %w", err)
+	}
+	c.log.Info("controller stopped")
+	return firstErr
+}
+
+// Run runs a controller with cfg until ctx ends: logs go to stderr at
+// cfg.LogLevel, and one line on stdout says when it is ready:
+//
+//	controller ready http=127.0.0.1:8080 mqtt=127.0.0.1:1883
+func Run(ctx context.Context, cfg Config) error {
+	return RunWith(ctx, cfg, os.Stdout, os.Stderr)
+}
+
+// RunWith is Run with the output streams given.
+func RunWith(ctx context.Context, cfg Config, stdout, stderr io.Writer) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	level, _ := cfg.Level()
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	c, err := New(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	return c.Run(ctx, func() {
+		fmt.Fprintf(stdout, "controller ready http=%s mqtt=%s\n", c.HTTPAddr(), c.MQTTAddr())
+	})
+}
+
+// onConnect runs after every (re)connect of the MQTT link.
+func (c *Controller) onConnect(ctx context.Context) {
+	if err := c.director.RepublishPending(ctx); err != nil && ctx.Err() == nil {
+		c.log.Error("re-publish pending desired states", "err", err)
+	}
+}
+
+// handleMessage routes one device message to the part that owns its kind.
+func (c *Controller) handleMessage(ctx context.Context, m link.Message) error {
+	at := m.Received
+	if m.Retained {
+		// A retained message may be old: it says the device was seen when
+		// it sent it, not now. The device's clock can be wrong, so never
+		// later than now.
+		if sent := time.UnixMilli(m.Envelope.GetSentAtUnixMs()); sent.Before(at) {
+			at = sent
+		}
+	}
+	env := m.Envelope
+	switch m.Kind {
+	case wire.KindHello:
+		return c.inventory.Hello(ctx, m.DeviceID, at, env.GetHello())
+	case wire.KindState:
+		return c.inventory.State(ctx, m.DeviceID, at, env.GetState())
+	case wire.KindPresence:
+		return c.inventory.Presence(ctx, m.DeviceID, at, env.GetPresence())
+	case wire.KindEvents:
+		return c.inventory.Event(ctx, m.DeviceID, at, env.GetEvent())
+	case wire.KindTelemetry:
+		return c.ingest.Batch(ctx, m.DeviceID, at, env.GetTelemetry())
+	}
+	return fmt.Errorf("no handler for %s messages", m.Kind)
+}

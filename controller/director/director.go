@@ -1,0 +1,242 @@
+// Package director issues each device's desired state: what model version
+// runs in which slot, under a generation number that only ever increases
+// for that device. The name follows Uptane, where the "director" tells each
+// vehicle what to install; the director key's signature over the desired
+// state comes with the security work (SignedDesiredState.signature is empty
+// until then).
+//
+// Order of work for an assignment: the new generation and document are
+// committed to the store first, then published retained with QoS 1 on
+// ef/v1/dev/{id}/desired. A document that was committed but not
+// acknowledged by the broker stays marked unpublished and is published
+// again after the next (re)connect, so a crash or broker outage between the
+// two steps only delays delivery.
+package director
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/edgefleet/edgefleet/controller/metrics"
+	"github.com/edgefleet/edgefleet/controller/store"
+	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
+	"github.com/edgefleet/edgefleet/proto/wire"
+	"google.golang.org/protobuf/proto"
+)
+
+// DefaultSlot is the slot an assignment uses when it names none.
+const DefaultSlot = "default"
+
+// ArtifactPath is the controller's URL path of a bundle by digest.
+func ArtifactPath(digest string) string { return "/v1/artifacts/" + digest }
+
+// Store is what the director needs from the controller's store.
+type Store interface {
+	Assign(ctx context.Context, ids []string, slot store.DesiredSlot, issued time.Time, build store.BuildFunc) ([]store.Desired, error)
+	DesiredState(ctx context.Context, id string) (store.Desired, error)
+	MarkPublished(ctx context.Context, id string, gen uint64) error
+	UnpublishedDesired(ctx context.Context) ([]store.Desired, error)
+}
+
+// Publisher publishes to the broker.
+type Publisher interface {
+	// PublishAsync publishes with QoS 1 and calls done with the outcome
+	// once the broker acknowledged it or a timeout passed.
+	PublishAsync(topic string, payload []byte, retained bool, done func(error))
+}
+
+// Options configure a Director.
+type Options struct {
+	Store     Store
+	Publisher Publisher
+	Logger    *slog.Logger
+	Metrics   *metrics.Registry
+	Now       func() time.Time
+	// ArtifactBaseURL, if set, makes slot URLs absolute (base +
+	// ArtifactPath). Empty leaves them as paths, which the agent resolves
+	// against its own --controller URL.
+	ArtifactBaseURL string
+}
+
+// Director builds, stores and publishes desired states.
+type Director struct {
+	opts Options
+	log  *slog.Logger
+	// pubMu makes "read or commit a document, then hand it to the client"
+	// one step per director, so documents reach the broker in generation
+	// order and an older one can never end up as the retained message.
+	pubMu sync.Mutex
+
+	published *metrics.Counter
+	failed    *metrics.Counter
+}
+
+// New returns a Director.
+func New(opts Options) *Director {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Metrics == nil {
+		opts.Metrics = metrics.NewRegistry()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	return &Director{
+		opts:      opts,
+		log:       opts.Logger,
+		published: opts.Metrics.Counter("edgefleet_controller_desired_published_total", "Desired states the broker acknowledged."),
+		failed:    opts.Metrics.Counter("edgefleet_controller_desired_publish_failures_total", "Desired-state publishes that failed or timed out (they are retried after a reconnect)."),
+	}
+}
+
+// Result is the outcome of assigning to one device.
+type Result struct {
+	DeviceID   string
+	Generation uint64
+	// PublishErr is set if the broker did not acknowledge the desired
+	// state; it is committed and will be published again after a reconnect.
+	PublishErr error
+}
+
+// Assign installs model m into slot on every device in ids: one
+// transaction bumps each device's generation and stores its new desired
+// state, then each is published and the broker's acknowledgements are
+// awaited until ctx ends. The error wraps store.ErrNotFound for an unknown
+// device or model; publish failures are reported per device in the results.
+func (d *Director) Assign(ctx context.Context, ids []string, slot string, m store.Model) ([]Result, error) {
+	if slot == "" {
+		slot = DefaultSlot
+	}
+	ds := store.DesiredSlot{Slot: slot, Model: m.Name, Version: m.Version, Digest: m.Digest, Size: m.Size}
+	d.pubMu.Lock()
+	docs, err := d.opts.Store.Assign(ctx, ids, ds, d.opts.Now(), d.build)
+	if err != nil {
+		d.pubMu.Unlock()
+		return nil, err
+	}
+	results := make(chan Result, len(docs))
+	for _, doc := range docs {
+		d.publish(doc, func(err error) {
+			results <- Result{DeviceID: doc.DeviceID, Generation: doc.Generation, PublishErr: err}
+		})
+	}
+	d.pubMu.Unlock()
+	d.log.Info("assigned model", "model", m.Name, "version", m.Version, "slot", slot, "devices", len(docs))
+
+	byID := make(map[string]Result, len(docs))
+	for range docs {
+		select {
+		case r := <-results:
+			byID[r.DeviceID] = r
+		case <-ctx.Done():
+			// Committed: delivery goes on without us.
+			return nil, fmt.Errorf("assignment stored, publishing still in progress: %w", ctx.Err())
+		}
+	}
+	out := make([]Result, 0, len(docs))
+	for _, doc := range docs {
+		out = append(out, byID[doc.DeviceID])
+	}
+	return out, nil
+}
+
+// Republish publishes the stored desired state of device id again, without
+// waiting for the broker. A device without a desired state is not an error.
+func (d *Director) Republish(ctx context.Context, id string) error {
+	d.pubMu.Lock()
+	defer d.pubMu.Unlock()
+	doc, err := d.opts.Store.DesiredState(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	d.publish(doc, nil)
+	return nil
+}
+
+// RepublishPending publishes every desired state the broker has not
+// acknowledged yet. The controller calls it after each (re)connect.
+func (d *Director) RepublishPending(ctx context.Context) error {
+	d.pubMu.Lock()
+	defer d.pubMu.Unlock()
+	docs, err := d.opts.Store.UnpublishedDesired(ctx)
+	if err != nil {
+		return err
+	}
+	for _, doc := range docs {
+		d.publish(doc, nil)
+	}
+	if len(docs) > 0 {
+		d.log.Info("re-published unacknowledged desired states", "devices", len(docs))
+	}
+	return nil
+}
+
+// build makes the document for a desired state the store is committing.
+func (d *Director) build(ds *store.Desired) error {
+	want := &pb.DesiredState{
+		DeviceId:       ds.DeviceID,
+		Generation:     ds.Generation,
+		IssuedAtUnixMs: ds.IssuedAt.UnixMilli(),
+	}
+	for _, s := range ds.Slots {
+		want.Slots = append(want.Slots, &pb.SlotAssignment{
+			Slot:  s.Slot,
+			Model: &pb.ModelRef{Name: s.Model, Version: s.Version, BundleSha256: s.Digest},
+			Url:   d.opts.ArtifactBaseURL + ArtifactPath(s.Digest),
+			Size:  s.Size,
+		})
+	}
+	// The signature (security work) covers exactly these bytes, which is
+	// why they are stored and re-sent rather than re-marshaled.
+	inner, err := proto.MarshalOptions{Deterministic: true}.Marshal(want)
+	if err != nil {
+		return err
+	}
+	doc, err := proto.Marshal(&pb.SignedDesiredState{Desired: inner})
+	if err != nil {
+		return err
+	}
+	ds.Doc = doc
+	return nil
+}
+
+// publish seals and publishes one stored document; the caller holds pubMu.
+// done, if not nil, gets the outcome after the bookkeeping.
+func (d *Director) publish(doc store.Desired, done func(error)) {
+	finish := func(err error) {
+		if err != nil {
+			d.failed.Inc()
+			d.log.Warn("desired state not published; will retry after reconnect", "device", doc.DeviceID, "generation", doc.Generation, "err", err)
+		} else {
+			d.published.Inc()
+			// The callback has no caller's context; bound the write.
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if err := d.opts.Store.MarkPublished(ctx, doc.DeviceID, doc.Generation); err != nil {
+				d.log.Error("mark desired state published", "device", doc.DeviceID, "generation", doc.Generation, "err", err)
+			}
+			cancel()
+		}
+		if done != nil {
+			done(err)
+		}
+	}
+	var signed pb.SignedDesiredState
+	if err := proto.Unmarshal(doc.Doc, &signed); err != nil {
+		finish(fmt.Errorf("stored desired state of %s generation %d is corrupt: %w", doc.DeviceID, doc.Generation, err))
+		return
+	}
+	payload, err := wire.Seal(doc.DeviceID, d.opts.Now(), &signed)
+	if err != nil {
+		finish(err)
+		return
+	}
+	d.opts.Publisher.PublishAsync(wire.Topic(doc.DeviceID, wire.KindDesired), payload, true, finish)
+}
