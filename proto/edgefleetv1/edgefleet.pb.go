@@ -529,7 +529,11 @@ type SlotState struct {
 	// Set while the agent converges to a desired model it has not activated yet.
 	Pending *ModelRef `protobuf:"bytes,5,opt,name=pending,proto3" json:"pending,omitempty"`
 	// The last error in this slot, empty when the slot is fine.
-	LastError     string `protobuf:"bytes,6,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	LastError string `protobuf:"bytes,6,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	// True once the active version passed its post-activation health watch.
+	Healthy bool `protobuf:"varint,7,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	// Rollout that put the active version here, if any.
+	RolloutId     string `protobuf:"bytes,8,opt,name=rollout_id,json=rolloutId,proto3" json:"rollout_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -602,6 +606,20 @@ func (x *SlotState) GetPending() *ModelRef {
 func (x *SlotState) GetLastError() string {
 	if x != nil {
 		return x.LastError
+	}
+	return ""
+}
+
+func (x *SlotState) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
+func (x *SlotState) GetRolloutId() string {
+	if x != nil {
+		return x.RolloutId
 	}
 	return ""
 }
@@ -1182,7 +1200,10 @@ type SlotAssignment struct {
 	Size      int64  `protobuf:"varint,4,opt,name=size,proto3" json:"size,omitempty"`
 	RolloutId string `protobuf:"bytes,5,opt,name=rollout_id,json=rolloutId,proto3" json:"rollout_id,omitempty"`
 	// Set when this assignment deliberately installs an older version.
-	Rollback      bool `protobuf:"varint,6,opt,name=rollback,proto3" json:"rollback,omitempty"`
+	Rollback bool `protobuf:"varint,6,opt,name=rollback,proto3" json:"rollback,omitempty"`
+	// How the agent watches the new version after activating it. Unset means
+	// the agent's defaults.
+	Health        *HealthPolicy `protobuf:"bytes,7,opt,name=health,proto3" json:"health,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1259,6 +1280,89 @@ func (x *SlotAssignment) GetRollback() bool {
 	return false
 }
 
+func (x *SlotAssignment) GetHealth() *HealthPolicy {
+	if x != nil {
+		return x.Health
+	}
+	return nil
+}
+
+// HealthPolicy bounds a newly activated version on the device. The agent
+// reports HEALTHY once the version stayed within the bounds for watch_ms;
+// if it breaks them it switches back to the previous version at once and
+// reports ROLLED_BACK with the figures.
+type HealthPolicy struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	WatchMs uint32                 `protobuf:"varint,1,opt,name=watch_ms,json=watchMs,proto3" json:"watch_ms,omitempty"`
+	// Ceiling on the fraction of inferences that fail or time out.
+	MaxErrorRate float64 `protobuf:"fixed64,2,opt,name=max_error_rate,json=maxErrorRate,proto3" json:"max_error_rate,omitempty"`
+	// Ceiling on the 99th percentile latency, milliseconds; 0 = none.
+	MaxLatencyP99Ms uint32 `protobuf:"varint,3,opt,name=max_latency_p99_ms,json=maxLatencyP99Ms,proto3" json:"max_latency_p99_ms,omitempty"`
+	// Inferences needed before the error rate is judged; below it the
+	// watch extends until the count is reached or watch_ms passes again.
+	MinInferences uint32 `protobuf:"varint,4,opt,name=min_inferences,json=minInferences,proto3" json:"min_inferences,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HealthPolicy) Reset() {
+	*x = HealthPolicy{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HealthPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HealthPolicy) ProtoMessage() {}
+
+func (x *HealthPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HealthPolicy.ProtoReflect.Descriptor instead.
+func (*HealthPolicy) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *HealthPolicy) GetWatchMs() uint32 {
+	if x != nil {
+		return x.WatchMs
+	}
+	return 0
+}
+
+func (x *HealthPolicy) GetMaxErrorRate() float64 {
+	if x != nil {
+		return x.MaxErrorRate
+	}
+	return 0
+}
+
+func (x *HealthPolicy) GetMaxLatencyP99Ms() uint32 {
+	if x != nil {
+		return x.MaxLatencyP99Ms
+	}
+	return 0
+}
+
+func (x *HealthPolicy) GetMinInferences() uint32 {
+	if x != nil {
+		return x.MinInferences
+	}
+	return 0
+}
+
 // DesiredState is what the controller wants a device to run.
 type DesiredState struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
@@ -1275,7 +1379,7 @@ type DesiredState struct {
 
 func (x *DesiredState) Reset() {
 	*x = DesiredState{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1287,7 +1391,7 @@ func (x *DesiredState) String() string {
 func (*DesiredState) ProtoMessage() {}
 
 func (x *DesiredState) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1300,7 +1404,7 @@ func (x *DesiredState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesiredState.ProtoReflect.Descriptor instead.
 func (*DesiredState) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{13}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DesiredState) GetDeviceId() string {
@@ -1351,7 +1455,7 @@ type SignedDesiredState struct {
 
 func (x *SignedDesiredState) Reset() {
 	*x = SignedDesiredState{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1363,7 +1467,7 @@ func (x *SignedDesiredState) String() string {
 func (*SignedDesiredState) ProtoMessage() {}
 
 func (x *SignedDesiredState) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1376,7 +1480,7 @@ func (x *SignedDesiredState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignedDesiredState.ProtoReflect.Descriptor instead.
 func (*SignedDesiredState) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{14}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SignedDesiredState) GetDesired() []byte {
@@ -1413,7 +1517,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1425,7 +1529,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1438,7 +1542,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{15}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Command) GetId() string {
@@ -1497,7 +1601,7 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\bModelRef\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12#\n" +
-	"\rbundle_sha256\x18\x03 \x01(\tR\fbundleSha256\"\x85\x02\n" +
+	"\rbundle_sha256\x18\x03 \x01(\tR\fbundleSha256\"\xbe\x02\n" +
 	"\tSlotState\x12\x12\n" +
 	"\x04slot\x18\x01 \x01(\tR\x04slot\x12.\n" +
 	"\x06active\x18\x02 \x01(\v2\x16.edgefleet.v1.ModelRefR\x06active\x122\n" +
@@ -1505,7 +1609,10 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\x14active_since_unix_ms\x18\x04 \x01(\x03R\x11activeSinceUnixMs\x120\n" +
 	"\apending\x18\x05 \x01(\v2\x16.edgefleet.v1.ModelRefR\apending\x12\x1d\n" +
 	"\n" +
-	"last_error\x18\x06 \x01(\tR\tlastError\"\xab\x02\n" +
+	"last_error\x18\x06 \x01(\tR\tlastError\x12\x18\n" +
+	"\ahealthy\x18\a \x01(\bR\ahealthy\x12\x1d\n" +
+	"\n" +
+	"rollout_id\x18\b \x01(\tR\trolloutId\"\xab\x02\n" +
 	"\rReportedState\x12-\n" +
 	"\x05slots\x18\x01 \x03(\v2\x17.edgefleet.v1.SlotStateR\x05slots\x12,\n" +
 	"\x06health\x18\x02 \x01(\x0e2\x14.edgefleet.v1.HealthR\x06health\x12-\n" +
@@ -1552,7 +1659,7 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\fTelemetryAck\x12\x1f\n" +
 	"\vspool_epoch\x18\x01 \x01(\tR\n" +
 	"spoolEpoch\x12.\n" +
-	"\x06stored\x18\x02 \x03(\v2\x16.edgefleet.v1.SeqRangeR\x06stored\"\xb3\x01\n" +
+	"\x06stored\x18\x02 \x03(\v2\x16.edgefleet.v1.SeqRangeR\x06stored\"\xe7\x01\n" +
 	"\x0eSlotAssignment\x12\x12\n" +
 	"\x04slot\x18\x01 \x01(\tR\x04slot\x12,\n" +
 	"\x05model\x18\x02 \x01(\v2\x16.edgefleet.v1.ModelRefR\x05model\x12\x10\n" +
@@ -1560,7 +1667,13 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\x04size\x18\x04 \x01(\x03R\x04size\x12\x1d\n" +
 	"\n" +
 	"rollout_id\x18\x05 \x01(\tR\trolloutId\x12\x1a\n" +
-	"\brollback\x18\x06 \x01(\bR\brollback\"\xd7\x01\n" +
+	"\brollback\x18\x06 \x01(\bR\brollback\x122\n" +
+	"\x06health\x18\a \x01(\v2\x1a.edgefleet.v1.HealthPolicyR\x06health\"\xa3\x01\n" +
+	"\fHealthPolicy\x12\x19\n" +
+	"\bwatch_ms\x18\x01 \x01(\rR\awatchMs\x12$\n" +
+	"\x0emax_error_rate\x18\x02 \x01(\x01R\fmaxErrorRate\x12+\n" +
+	"\x12max_latency_p99_ms\x18\x03 \x01(\rR\x0fmaxLatencyP99Ms\x12%\n" +
+	"\x0emin_inferences\x18\x04 \x01(\rR\rminInferences\"\xd7\x01\n" +
 	"\fDesiredState\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x1e\n" +
 	"\n" +
@@ -1608,7 +1721,7 @@ func file_edgefleetv1_edgefleet_proto_rawDescGZIP() []byte {
 }
 
 var file_edgefleetv1_edgefleet_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_edgefleetv1_edgefleet_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_edgefleetv1_edgefleet_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_edgefleetv1_edgefleet_proto_goTypes = []any{
 	(Health)(0),                // 0: edgefleet.v1.Health
 	(EventKind)(0),             // 1: edgefleet.v1.EventKind
@@ -1625,11 +1738,12 @@ var file_edgefleetv1_edgefleet_proto_goTypes = []any{
 	(*SeqRange)(nil),           // 12: edgefleet.v1.SeqRange
 	(*TelemetryAck)(nil),       // 13: edgefleet.v1.TelemetryAck
 	(*SlotAssignment)(nil),     // 14: edgefleet.v1.SlotAssignment
-	(*DesiredState)(nil),       // 15: edgefleet.v1.DesiredState
-	(*SignedDesiredState)(nil), // 16: edgefleet.v1.SignedDesiredState
-	(*Command)(nil),            // 17: edgefleet.v1.Command
-	nil,                        // 18: edgefleet.v1.Hello.LabelsEntry
-	nil,                        // 19: edgefleet.v1.Command.ArgsEntry
+	(*HealthPolicy)(nil),       // 15: edgefleet.v1.HealthPolicy
+	(*DesiredState)(nil),       // 16: edgefleet.v1.DesiredState
+	(*SignedDesiredState)(nil), // 17: edgefleet.v1.SignedDesiredState
+	(*Command)(nil),            // 18: edgefleet.v1.Command
+	nil,                        // 19: edgefleet.v1.Hello.LabelsEntry
+	nil,                        // 20: edgefleet.v1.Command.ArgsEntry
 }
 var file_edgefleetv1_edgefleet_proto_depIdxs = []int32{
 	3,  // 0: edgefleet.v1.Envelope.hello:type_name -> edgefleet.v1.Hello
@@ -1637,10 +1751,10 @@ var file_edgefleetv1_edgefleet_proto_depIdxs = []int32{
 	7,  // 2: edgefleet.v1.Envelope.presence:type_name -> edgefleet.v1.Presence
 	8,  // 3: edgefleet.v1.Envelope.event:type_name -> edgefleet.v1.Event
 	11, // 4: edgefleet.v1.Envelope.telemetry:type_name -> edgefleet.v1.TelemetryBatch
-	16, // 5: edgefleet.v1.Envelope.desired:type_name -> edgefleet.v1.SignedDesiredState
+	17, // 5: edgefleet.v1.Envelope.desired:type_name -> edgefleet.v1.SignedDesiredState
 	13, // 6: edgefleet.v1.Envelope.ack:type_name -> edgefleet.v1.TelemetryAck
-	17, // 7: edgefleet.v1.Envelope.command:type_name -> edgefleet.v1.Command
-	18, // 8: edgefleet.v1.Hello.labels:type_name -> edgefleet.v1.Hello.LabelsEntry
+	18, // 7: edgefleet.v1.Envelope.command:type_name -> edgefleet.v1.Command
+	19, // 8: edgefleet.v1.Hello.labels:type_name -> edgefleet.v1.Hello.LabelsEntry
 	6,  // 9: edgefleet.v1.Hello.state:type_name -> edgefleet.v1.ReportedState
 	4,  // 10: edgefleet.v1.SlotState.active:type_name -> edgefleet.v1.ModelRef
 	4,  // 11: edgefleet.v1.SlotState.previous:type_name -> edgefleet.v1.ModelRef
@@ -1654,13 +1768,14 @@ var file_edgefleetv1_edgefleet_proto_depIdxs = []int32{
 	10, // 19: edgefleet.v1.TelemetryBatch.records:type_name -> edgefleet.v1.TelemetryRecord
 	12, // 20: edgefleet.v1.TelemetryAck.stored:type_name -> edgefleet.v1.SeqRange
 	4,  // 21: edgefleet.v1.SlotAssignment.model:type_name -> edgefleet.v1.ModelRef
-	14, // 22: edgefleet.v1.DesiredState.slots:type_name -> edgefleet.v1.SlotAssignment
-	19, // 23: edgefleet.v1.Command.args:type_name -> edgefleet.v1.Command.ArgsEntry
-	24, // [24:24] is the sub-list for method output_type
-	24, // [24:24] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	15, // 22: edgefleet.v1.SlotAssignment.health:type_name -> edgefleet.v1.HealthPolicy
+	14, // 23: edgefleet.v1.DesiredState.slots:type_name -> edgefleet.v1.SlotAssignment
+	20, // 24: edgefleet.v1.Command.args:type_name -> edgefleet.v1.Command.ArgsEntry
+	25, // [25:25] is the sub-list for method output_type
+	25, // [25:25] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_edgefleetv1_edgefleet_proto_init() }
@@ -1688,7 +1803,7 @@ func file_edgefleetv1_edgefleet_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_edgefleetv1_edgefleet_proto_rawDesc), len(file_edgefleetv1_edgefleet_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   18,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -13,6 +13,8 @@ package wire
 //	1 (2026-11-26): first version. Envelope with hello, state, presence,
 //	  event, telemetry batch, telemetry ack, signed desired state and command
 //	  bodies; topics under ef/v1/dev/{id}/.
+//	  2026-11-26, additive: SlotAssignment.health (HealthPolicy),
+//	  SlotState.healthy and SlotState.rollout_id.
 const ProtocolVersion = 1
 
 // MinProtocolVersion is the oldest protocol version this code accepts.
