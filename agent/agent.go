@@ -1,0 +1,391 @@
+// Package agent is the Edgefleet edge agent: it keeps an MQTT session with
+// the controller, converges the models it runs to the desired state it is
+// sent, serves them on a local Open Inference Protocol endpoint, and
+// spools every inference outcome to SQLite until the controller has it.
+//
+// The pieces live in sub-packages, cut by what they do: link (MQTT
+// session), deploy (reconcile, downloads, activation), fetch (resumable
+// bundle downloads), spool (SQLite telemetry buffer), telemetry (batches
+// and acks), localapi (the HTTP endpoint). This package wires them
+// together and owns their goroutines.
+//
+// Start-up order matters: the agent restores its models from disk and
+// opens its local endpoint before it connects anywhere, so apps on the
+// device are served even when the network is down.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/edgefleet/edgefleet/agent/deploy"
+	"github.com/edgefleet/edgefleet/agent/link"
+	"github.com/edgefleet/edgefleet/agent/localapi"
+	"github.com/edgefleet/edgefleet/agent/spool"
+	"github.com/edgefleet/edgefleet/agent/telemetry"
+	"github.com/edgefleet/edgefleet/models/host"
+	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
+	"github.com/edgefleet/edgefleet/proto/wire"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/protobuf/proto"
+)
+
+// Version is the agent's version, set at build time with
+// -ldflags "-X github.com/edgefleet/edgefleet/agent.Version=1.2.3".
+var Version = "0.1.0-dev"
+
+// Capabilities are announced in Hello.
+var Capabilities = []string{"oip-v2", "telemetry-spool"}
+
+// SpoolFile is the spool's file name in the data directory.
+const SpoolFile = "spool.db"
+
+// CacheDir is the wazero compilation cache's directory in the data directory.
+const CacheDir = "cache"
+
+// Options are the knobs of Run that are not user configuration: injected
+// dependencies and timings tests shrink. Zero values are the defaults.
+type Options struct {
+	Logger *slog.Logger
+	// Host runs the models; nil makes one with its compilation cache under
+	// DATA/cache. The fleet simulator shares one host among its agents.
+	Host *host.Host
+	// Spool buffers telemetry; nil opens DATA/spool.db (spool.SQLite).
+	// The fleet simulator passes a spool.Memory. Run does not close it.
+	Spool Spool
+	// Dial replaces the network dialer of the MQTT link.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Listener serves the local endpoint instead of one on cfg.Listen.
+	Listener net.Listener
+	// Ready, if set, is called once the agent serves its restored models
+	// (before it connects), with the local endpoint's address.
+	Ready func(addr string)
+	// MinBackoff and MaxBackoff bound the MQTT reconnect delay (1s, 60s).
+	MinBackoff, MaxBackoff time.Duration
+	// RetryMin and RetryMax bound the retry delay of a failed download (2s, 5m).
+	RetryMin, RetryMax time.Duration
+	// AckTimeout is how long a telemetry batch waits for its ack (10s).
+	AckTimeout time.Duration
+	// StateInterval is how often the spool depth is re-reported if it changed (10s).
+	StateInterval time.Duration
+}
+
+// Spool is the telemetry buffer the agent appends to and sends from;
+// spool.SQLite and spool.Memory are Spools.
+type Spool interface {
+	telemetry.Spool
+	spool.Appender
+	Stats(ctx context.Context) (spool.Stats, error)
+}
+
+// Run runs the agent until ctx ends, then shuts down cleanly: it stops
+// accepting requests, flushes the spool queue, says offline, and closes
+// the models and the spool.
+func Run(ctx context.Context, cfg Config, o Options) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.StateInterval <= 0 {
+		o.StateInterval = 10 * time.Second
+	}
+	log := o.Logger.With("device", cfg.ID)
+	if err := os.MkdirAll(cfg.Data, 0o755); err != nil {
+		return fmt.Errorf("data directory %s: %w; set --data to a writable directory", cfg.Data, err)
+	}
+
+	sp := o.Spool
+	if sp == nil {
+		db, err := spool.OpenSQLite(ctx, filepath.Join(cfg.Data, SpoolFile), cfg.SpoolMaxRecords)
+		if err != nil {
+			return err
+		}
+		defer db.Close()
+		sp = db
+	}
+	var err error
+
+	h := o.Host
+	if h == nil {
+		h, err = host.New(ctx, host.Options{CacheDir: filepath.Join(cfg.Data, CacheDir), Logger: log})
+		if err != nil {
+			return err
+		}
+		defer h.Close(context.WithoutCancel(ctx))
+	}
+
+	a := &agentRun{cfg: cfg, log: log, spool: sp, statePoke: make(chan struct{}, 1), cmds: make(chan *pb.Command, 16)}
+	a.mgr, err = deploy.New(deploy.Options{
+		DeviceID: cfg.ID, DataDir: cfg.Data, Host: h, Controller: cfg.Controller, Logger: o.Logger,
+		Reporter: a, RetryMin: o.RetryMin, RetryMax: o.RetryMax,
+	})
+	if err != nil {
+		return err
+	}
+	// Models are closed last, after everything that may call them.
+	defer a.mgr.Close(context.WithoutCancel(ctx))
+	if err := a.mgr.Restore(ctx); err != nil {
+		return err
+	}
+
+	a.link, err = link.New(link.Options{
+		Broker: cfg.Broker, DeviceID: cfg.ID, Logger: o.Logger, Dial: o.Dial,
+		MinBackoff: o.MinBackoff, MaxBackoff: o.MaxBackoff,
+		Handle:       a.handle,
+		OnConnect:    a.onConnect,
+		OnDisconnect: func() { a.sender.Disconnected() },
+	})
+	if err != nil {
+		return err
+	}
+	a.sender = telemetry.New(telemetry.Options{Spool: sp, Publisher: a.link, Logger: log, AckTimeout: o.AckTimeout})
+	a.queue = spool.NewQueue(sp, spool.QueueOptions{Logger: log, Flushed: a.sender.Poke})
+
+	api := localapi.New(localapi.Options{Models: a.mgr, Record: a.record, Logger: log, Metrics: a.writeMetrics})
+	ln := o.Listener
+	if ln == nil {
+		ln, err = net.Listen("tcp", cfg.Listen)
+		if err != nil {
+			return fmt.Errorf("listen on %s: %w; is another agent running? set --listen to a free address", cfg.Listen, err)
+		}
+	}
+	srv := &http.Server{Handler: api.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("local endpoint: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-gctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		return srv.Shutdown(sctx)
+	})
+	o.Logger.Info("agent ready", "id", cfg.ID, "listen", ln.Addr().String(), "version", Version, "models_active", a.mgr.Ready())
+	if o.Ready != nil {
+		o.Ready(ln.Addr().String())
+	}
+	g.Go(func() error { return a.queue.Run(gctx) })
+	g.Go(func() error { return a.sender.Run(gctx) })
+	g.Go(func() error { return a.mgr.Run(gctx) })
+	g.Go(func() error { return a.link.Run(gctx) })
+	g.Go(func() error { return a.reportLoop(gctx, o.StateInterval) })
+	g.Go(func() error { return a.commandLoop(gctx) })
+	err = g.Wait()
+	log.Info("agent stopped")
+	return err
+}
+
+// agentRun is the state of one Run: the parts and the glue between them.
+type agentRun struct {
+	cfg    Config
+	log    *slog.Logger
+	spool  Spool
+	queue  *spool.Queue
+	sender *telemetry.Sender
+	link   *link.Link
+	mgr    *deploy.Manager
+
+	statePoke chan struct{}
+	cmds      chan *pb.Command
+
+	mu       sync.Mutex
+	lastSent *pb.ReportedState
+}
+
+// handle routes a message from the controller. It runs on the MQTT
+// client's goroutine and hands everything on without blocking.
+func (a *agentRun) handle(kind wire.Kind, env *pb.Envelope) {
+	switch kind {
+	case wire.KindDesired:
+		a.mgr.Offer(env.GetDesired())
+	case wire.KindAck:
+		a.sender.Ack(env.GetAck())
+	case wire.KindCmd:
+		select {
+		case a.cmds <- env.GetCommand():
+		default:
+			a.log.Warn("command dropped: too many waiting", "command", env.GetCommand().GetName())
+		}
+	}
+}
+
+// onConnect says hello and the current state on every (re)connect, then
+// lets the sender resend what is unacknowledged.
+func (a *agentRun) onConnect(ctx context.Context) {
+	a.sayHello(ctx)
+	a.sender.Connected()
+}
+
+func (a *agentRun) sayHello(ctx context.Context) {
+	st := a.state(ctx)
+	hello := &pb.Hello{
+		Labels: a.cfg.Labels, AgentVersion: Version, AbiVersions: slices.Clone(host.SupportedABIs),
+		Capabilities: Capabilities, State: st, Os: runtime.GOOS, Arch: runtime.GOARCH,
+	}
+	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := a.link.Publish(pctx, wire.KindHello, hello); err != nil {
+		a.log.Warn("hello not sent", "err", err)
+		return
+	}
+	a.publishState(pctx, st)
+}
+
+// Event publishes a deployment event, or spools it when offline so the
+// controller still learns of it through telemetry.
+func (a *agentRun) Event(ctx context.Context, ev *pb.Event) {
+	if a.link.Connected() {
+		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		err := a.link.Publish(pctx, wire.KindEvents, ev)
+		cancel()
+		if err == nil {
+			return
+		}
+		a.log.Debug("event not published; spooling it", "kind", ev.GetKind(), "err", err)
+	}
+	a.queue.Add(&pb.TelemetryRecord{Body: &pb.TelemetryRecord_Event{Event: ev}})
+}
+
+// StateChanged schedules a state report. It never blocks.
+func (a *agentRun) StateChanged() {
+	select {
+	case a.statePoke <- struct{}{}:
+	default:
+	}
+}
+
+func (a *agentRun) record(rec *pb.TelemetryRecord) { a.queue.Add(rec) }
+
+// state builds the ReportedState from the parts.
+func (a *agentRun) state(ctx context.Context) *pb.ReportedState {
+	st := &pb.ReportedState{
+		Slots:             a.mgr.Slots(),
+		DesiredGeneration: a.mgr.Generation(),
+		AgentVersion:      Version,
+		RecentErrors:      a.mgr.RecentErrors(),
+	}
+	if ss, err := a.spool.Stats(ctx); err == nil {
+		st.SpoolDepth, st.SpoolDropped = ss.Depth, ss.Dropped
+	}
+	st.SpoolDropped += a.queue.Dropped()
+	st.Health = pb.Health_HEALTH_OK
+	active := 0
+	for _, s := range st.Slots {
+		if s.GetActive() != nil {
+			active++
+		}
+		if s.GetLastError() != "" {
+			st.Health = pb.Health_HEALTH_DEGRADED
+		}
+	}
+	if a.mgr.DesiredSlots() > 0 && active == 0 {
+		st.Health = pb.Health_HEALTH_FAILING
+	}
+	return st
+}
+
+func (a *agentRun) publishState(ctx context.Context, st *pb.ReportedState) {
+	if err := a.link.Publish(ctx, wire.KindState, st); err != nil {
+		a.log.Debug("state not published", "err", err)
+		return
+	}
+	a.mu.Lock()
+	a.lastSent = st
+	a.mu.Unlock()
+}
+
+// reportLoop publishes the state when something changed, and re-checks it
+// every interval, so the spool depth stays current without a message per
+// inference.
+func (a *agentRun) reportLoop(ctx context.Context, interval time.Duration) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-a.statePoke:
+		case <-t.C:
+		}
+		if !a.link.Connected() {
+			continue // onConnect reports the state anyway
+		}
+		st := a.state(ctx)
+		a.mu.Lock()
+		same := a.lastSent != nil && proto.Equal(a.lastSent, st)
+		a.mu.Unlock()
+		if same {
+			continue
+		}
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		a.publishState(pctx, st)
+		cancel()
+	}
+}
+
+// commandLoop runs the controller's ad-hoc commands.
+func (a *agentRun) commandLoop(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case c := <-a.cmds:
+			a.log.Info("command", "id", c.GetId(), "name", c.GetName())
+			switch c.GetName() {
+			case "resync":
+				a.sayHello(ctx)
+				a.sender.Connected()
+			case "diagnostics":
+				pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				a.publishState(pctx, a.state(ctx))
+				cancel()
+			default:
+				a.log.Warn("unknown command ignored", "id", c.GetId(), "name", c.GetName())
+			}
+		}
+	}
+}
+
+// writeMetrics adds the link, spool, telemetry and deployment metrics to
+// the endpoint's /metrics.
+func (a *agentRun) writeMetrics(w io.Writer) {
+	b2i := func(b bool) int {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	ls := a.link.Stats()
+	ts := a.sender.Stats()
+	ss, _ := a.spool.Stats(context.Background())
+	metric := func(name, typ, help string, v any) {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s %s\n%s %v\n", name, help, name, typ, name, v)
+	}
+	fmt.Fprintf(w, "# HELP edgefleet_agent_info The agent's version.\n# TYPE edgefleet_agent_info gauge\nedgefleet_agent_info{version=%q,device=%q} 1\n", Version, a.cfg.ID)
+	metric("edgefleet_agent_mqtt_connected", "gauge", "1 while connected to the broker.", b2i(ls.Connected))
+	metric("edgefleet_agent_mqtt_connects_total", "counter", "Successful broker connections.", ls.Connects)
+	metric("edgefleet_agent_mqtt_malformed_total", "counter", "Messages dropped as malformed.", ls.Malformed)
+	metric("edgefleet_agent_spool_depth", "gauge", "Records waiting in the spool.", ss.Depth)
+	metric("edgefleet_agent_spool_dropped_total", "counter", "Records dropped by the spool bound or a full queue.", ss.Dropped+a.queue.Dropped())
+	metric("edgefleet_agent_telemetry_batches_total", "counter", "Telemetry batches published, resends included.", ts.Batches)
+	metric("edgefleet_agent_telemetry_resent_total", "counter", "Telemetry batches resent after an ack timeout.", ts.Resent)
+	metric("edgefleet_agent_telemetry_acked_total", "counter", "Records deleted after the controller's ack.", ts.Acked)
+	metric("edgefleet_agent_desired_generation", "gauge", "Generation of the last accepted desired state.", a.mgr.Generation())
+}

@@ -1,0 +1,322 @@
+package agent
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/edgefleet/edgefleet/agent/spool"
+	"github.com/edgefleet/edgefleet/proto/wire"
+	"gopkg.in/yaml.v3"
+)
+
+// Config is the agent's configuration as a user writes it: a YAML file,
+// EDGEFLEET_* environment variables and flags, in rising precedence.
+//
+// The YAML keys are the yaml tags below; an unknown key is an error.
+type Config struct {
+	// ID is the device id; default: the host name, made valid.
+	ID string `yaml:"id"`
+	// Data is the data directory (spool, bundles, state).
+	Data string `yaml:"data"`
+	// Labels describe the device for rollout targeting (region=eu, hw=rpi5).
+	Labels map[string]string `yaml:"labels"`
+	// Broker is the MQTT broker URL.
+	Broker string `yaml:"broker"`
+	// Controller is the controller's base URL, for bundle downloads.
+	Controller string `yaml:"controller"`
+	// Listen is the local inference endpoint's address.
+	Listen string `yaml:"listen"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `yaml:"log_level"`
+	// SpoolMaxRecords bounds the telemetry spool.
+	SpoolMaxRecords uint64 `yaml:"spool_max_records"`
+}
+
+// Defaults.
+const (
+	DefaultData       = "./agent-data"
+	DefaultBroker     = "tcp://127.0.0.1:1883"
+	DefaultController = "http://127.0.0.1:8080"
+	DefaultListen     = "127.0.0.1:8181"
+	DefaultLogLevel   = "info"
+)
+
+// maxConfigFile caps the YAML file; a real one is a few hundred bytes.
+const maxConfigFile = 1 << 20
+
+// DefaultConfig returns the configuration with no file, environment or
+// flags, except the device id (which LoadConfig derives from the host).
+func DefaultConfig() Config {
+	return Config{
+		Data:            DefaultData,
+		Labels:          map[string]string{},
+		Broker:          DefaultBroker,
+		Controller:      DefaultController,
+		Listen:          DefaultListen,
+		LogLevel:        DefaultLogLevel,
+		SpoolMaxRecords: spool.DefaultMaxRecords,
+	}
+}
+
+var (
+	labelKeyRE   = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$`)
+	labelValueRE = regexp.MustCompile(`^([A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?)?$`)
+)
+
+// Validate checks every field. Its errors name the field and the fix.
+func (c Config) Validate() error {
+	var errs []error
+	if err := wire.ValidateDeviceID(c.ID); err != nil {
+		errs = append(errs, fmt.Errorf("id: %w; set --id or EDGEFLEET_ID", err))
+	}
+	if strings.TrimSpace(c.Data) == "" {
+		errs = append(errs, errors.New("data: empty; set --data to a writable directory"))
+	}
+	keys := make([]string, 0, len(c.Labels))
+	for k := range c.Labels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		if !labelKeyRE.MatchString(k) {
+			errs = append(errs, fmt.Errorf("labels: key %q: use 1-63 letters, digits, '.', '_', '-' or '/', starting and ending with a letter or digit", k))
+		}
+		if !labelValueRE.MatchString(c.Labels[k]) {
+			errs = append(errs, fmt.Errorf("labels: %s=%q: use up to 63 letters, digits, '.', '_' or '-', starting and ending with a letter or digit", k, c.Labels[k]))
+		}
+	}
+	if u, err := url.Parse(c.Broker); err != nil || u.Host == "" || !brokerSchemes[u.Scheme] {
+		errs = append(errs, fmt.Errorf("broker: %q is not a broker URL; use tcp://host:1883 (or ssl://, ws://, wss://)", c.Broker))
+	} else if u.Port() == "" {
+		errs = append(errs, fmt.Errorf("broker: %q has no port; add one, e.g. tcp://%s:1883", c.Broker, u.Host))
+	}
+	if u, err := url.Parse(c.Controller); err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+		errs = append(errs, fmt.Errorf("controller: %q is not an http(s) URL; use e.g. http://127.0.0.1:8080", c.Controller))
+	}
+	if _, port, err := net.SplitHostPort(c.Listen); err != nil || port == "" {
+		errs = append(errs, fmt.Errorf("listen: %q is not host:port; use e.g. 127.0.0.1:8181", c.Listen))
+	}
+	if _, err := parseLevel(c.LogLevel); err != nil {
+		errs = append(errs, fmt.Errorf("log_level: %w", err))
+	}
+	if c.SpoolMaxRecords < 100 {
+		errs = append(errs, fmt.Errorf("spool_max_records: %d is too small; use at least 100 (default %d)", c.SpoolMaxRecords, spool.DefaultMaxRecords))
+	}
+	return errors.Join(errs...)
+}
+
+var brokerSchemes = map[string]bool{"tcp": true, "mqtt": true, "ssl": true, "tls": true, "mqtts": true, "ws": true, "wss": true}
+
+// SlogLevel returns the configured log level (info when invalid).
+func (c Config) SlogLevel() slog.Level {
+	l, _ := parseLevel(c.LogLevel)
+	return l
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	switch strings.ToLower(s) {
+	case "debug":
+		return slog.LevelDebug, nil
+	case "info", "":
+		return slog.LevelInfo, nil
+	case "warn", "warning":
+		return slog.LevelWarn, nil
+	case "error":
+		return slog.LevelError, nil
+	}
+	return slog.LevelInfo, fmt.Errorf("%q is not a level; use debug, info, warn or error", s)
+}
+
+// ParseConfigFile decodes a YAML config file's content over base. Unknown
+// keys are errors that name the key.
+func ParseConfigFile(data []byte, base Config) (Config, error) {
+	if len(data) > maxConfigFile {
+		return base, fmt.Errorf("%d bytes, over the %d byte cap", len(data), maxConfigFile)
+	}
+	cfg := base
+	fileLabels := map[string]string{}
+	cfg.Labels = nil
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+		return base, fmt.Errorf("%s (known keys: %s)", strings.ReplaceAll(err.Error(), "\n", " "), strings.Join(configKeys(), ", "))
+	}
+	for k, v := range base.Labels {
+		fileLabels[k] = v
+	}
+	for k, v := range cfg.Labels {
+		fileLabels[k] = v
+	}
+	cfg.Labels = fileLabels
+	return cfg, nil
+}
+
+func configKeys() []string {
+	return []string{"id", "data", "labels", "broker", "controller", "listen", "log_level", "spool_max_records"}
+}
+
+// labelFlag collects repeated --label k=v.
+type labelFlag map[string]string
+
+func (l labelFlag) String() string {
+	var parts []string
+	for k, v := range l {
+		parts = append(parts, k+"="+v)
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, ",")
+}
+
+func (l labelFlag) Set(s string) error {
+	for _, kv := range strings.Split(s, ",") {
+		k, v, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		if !ok || k == "" {
+			return fmt.Errorf("label %q: want key=value", kv)
+		}
+		l[k] = v
+	}
+	return nil
+}
+
+// LoadConfig builds the configuration from command-line args, the
+// environment (getenv, EDGEFLEET_* names) and the YAML file named by
+// --config or EDGEFLEET_CONFIG. Flags win over the environment, which wins
+// over the file, which wins over the defaults; labels merge per key. It
+// returns flag.ErrHelp for -h. The result is validated.
+func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Config, error) {
+	fs := flag.NewFlagSet("fleet-agent", flag.ContinueOnError)
+	fs.SetOutput(usage)
+	def := DefaultConfig()
+	var (
+		configFile = fs.String("config", "", "YAML configuration `file` (env EDGEFLEET_CONFIG)")
+		data       = fs.String("data", def.Data, "data `dir`ectory: spool, bundles, state (env EDGEFLEET_DATA)")
+		id         = fs.String("id", "", "device `id` (env EDGEFLEET_ID; default: derived from the host name)")
+		broker     = fs.String("broker", def.Broker, "MQTT broker `URL` (env EDGEFLEET_BROKER)")
+		controller = fs.String("controller", def.Controller, "controller `URL` for bundle downloads (env EDGEFLEET_CONTROLLER)")
+		listen     = fs.String("listen", def.Listen, "local inference endpoint `address` (env EDGEFLEET_LISTEN)")
+		logLevel   = fs.String("log-level", def.LogLevel, "debug, info, warn or error (env EDGEFLEET_LOG_LEVEL)")
+		spoolMax   = fs.Uint64("spool-max-records", def.SpoolMaxRecords, "bound of the telemetry spool (env EDGEFLEET_SPOOL_MAX_RECORDS)")
+		labels     = labelFlag{}
+	)
+	fs.Var(labels, "label", "device label `key=value`, repeatable (env EDGEFLEET_LABELS=k=v,k2=v2)")
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("unexpected argument %q; fleet-agent takes only flags (see -h)", fs.Arg(0))
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+
+	cfg := def
+	path := getenv("EDGEFLEET_CONFIG")
+	if set["config"] {
+		path = *configFile
+	}
+	if path != "" {
+		raw, err := readCapped(path)
+		if err != nil {
+			return Config{}, fmt.Errorf("config file: %w", err)
+		}
+		if cfg, err = ParseConfigFile(raw, cfg); err != nil {
+			return Config{}, fmt.Errorf("config file %s: %w", path, err)
+		}
+	}
+
+	strs := []struct {
+		flag, env string
+		dst       *string
+		val       *string
+	}{
+		{"data", "EDGEFLEET_DATA", &cfg.Data, data},
+		{"id", "EDGEFLEET_ID", &cfg.ID, id},
+		{"broker", "EDGEFLEET_BROKER", &cfg.Broker, broker},
+		{"controller", "EDGEFLEET_CONTROLLER", &cfg.Controller, controller},
+		{"listen", "EDGEFLEET_LISTEN", &cfg.Listen, listen},
+		{"log-level", "EDGEFLEET_LOG_LEVEL", &cfg.LogLevel, logLevel},
+	}
+	for _, s := range strs {
+		if v := getenv(s.env); v != "" {
+			*s.dst = v
+		}
+		if set[s.flag] {
+			*s.dst = *s.val
+		}
+	}
+	if v := getenv("EDGEFLEET_SPOOL_MAX_RECORDS"); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return Config{}, fmt.Errorf("EDGEFLEET_SPOOL_MAX_RECORDS=%q is not a number", v)
+		}
+		cfg.SpoolMaxRecords = n
+	}
+	if set["spool-max-records"] {
+		cfg.SpoolMaxRecords = *spoolMax
+	}
+	merged := map[string]string{}
+	for k, v := range cfg.Labels {
+		merged[k] = v
+	}
+	if v := getenv("EDGEFLEET_LABELS"); v != "" {
+		env := labelFlag{}
+		if err := env.Set(v); err != nil {
+			return Config{}, fmt.Errorf("EDGEFLEET_LABELS: %w", err)
+		}
+		for k, v := range env {
+			merged[k] = v
+		}
+	}
+	for k, v := range labels {
+		merged[k] = v
+	}
+	cfg.Labels = merged
+	if cfg.ID == "" {
+		host, _ := os.Hostname()
+		cfg.ID = DeviceIDFromHostname(host)
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+func readCapped(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return io.ReadAll(io.LimitReader(f, maxConfigFile+1))
+}
+
+// DeviceIDFromHostname turns a host name into a valid device id: every
+// character wire.ValidateDeviceID does not allow becomes '-', leading dots
+// go, and the result is cut to the length limit. An empty result is
+// "agent".
+func DeviceIDFromHostname(h string) string {
+	b := []byte(strings.TrimLeft(h, "."))
+	for i, c := range b {
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.'
+		if !ok {
+			b[i] = '-'
+		}
+	}
+	if len(b) > wire.MaxDeviceID {
+		b = b[:wire.MaxDeviceID]
+	}
+	if len(b) == 0 {
+		return "agent"
+	}
+	return string(b)
+}

@@ -1,0 +1,155 @@
+package deploy
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/edgefleet/edgefleet/agent/fetch"
+)
+
+// File names under the data directory.
+const (
+	// DesiredFile holds the last accepted SignedDesiredState, as received.
+	DesiredFile = "desired.pb"
+	// StateFile holds what runs in each slot (the agent's own record).
+	StateFile = "state.json"
+	// BundlesDir holds <digest>.bundle and <digest>.part files.
+	BundlesDir = "bundles"
+)
+
+// maxStateFile caps state.json; it holds a few lines per slot.
+const maxStateFile = 1 << 20
+
+// stateVersion is the layout of state.json.
+const stateVersion = 1
+
+// Ref names one stored bundle: the model in it and its digest.
+type Ref struct {
+	Name    string `json:"name"`
+	Version string `json:"version"`
+	Digest  string `json:"digest"`
+}
+
+// SlotRecord is what state.json records for one slot.
+type SlotRecord struct {
+	Active *Ref `json:"active,omitempty"`
+	// SinceUnixMs is when Active became active.
+	SinceUnixMs int64 `json:"since_unix_ms,omitempty"`
+	Previous    *Ref  `json:"previous,omitempty"`
+}
+
+// LoadingRecord is written before a new bundle is loaded and removed once
+// the load ended, either way. Finding it at start means the agent died
+// while loading (a crash in the runtime, an out-of-memory kill, a power
+// cut): after maxLoadAttempts such deaths the bundle is not tried again,
+// so a poisonous bundle cannot put the device in a crash loop.
+type LoadingRecord struct {
+	Slot     string `json:"slot"`
+	Digest   string `json:"digest"`
+	Attempts int    `json:"attempts"`
+}
+
+// State is the content of state.json.
+type State struct {
+	Version int                    `json:"version"`
+	Slots   map[string]*SlotRecord `json:"slots"`
+	Loading *LoadingRecord         `json:"loading,omitempty"`
+}
+
+// ParseState decodes state.json, refusing unknown layouts and anything
+// that could not have been written by the agent.
+func ParseState(data []byte) (*State, error) {
+	if len(data) > maxStateFile {
+		return nil, fmt.Errorf("%d bytes, over the %d byte cap", len(data), maxStateFile)
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	st := &State{}
+	if err := dec.Decode(st); err != nil {
+		return nil, err
+	}
+	if st.Version != stateVersion {
+		return nil, fmt.Errorf("layout version %d; this agent reads %d", st.Version, stateVersion)
+	}
+	for slot, r := range st.Slots {
+		if r == nil || !slotRE.MatchString(slot) {
+			return nil, fmt.Errorf("slot %q is malformed", slot)
+		}
+		for _, ref := range []*Ref{r.Active, r.Previous} {
+			if ref != nil && !fetch.ValidDigest(ref.Digest) {
+				return nil, fmt.Errorf("slot %q: digest %q is malformed", slot, ref.Digest)
+			}
+		}
+	}
+	if l := st.Loading; l != nil && (!slotRE.MatchString(l.Slot) || !fetch.ValidDigest(l.Digest) || l.Attempts < 0) {
+		return nil, fmt.Errorf("loading record %+v is malformed", *l)
+	}
+	if st.Slots == nil {
+		st.Slots = map[string]*SlotRecord{}
+	}
+	return st, nil
+}
+
+func readState(path string) (*State, error) {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return &State{Version: stateVersion, Slots: map[string]*SlotRecord{}}, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxStateFile+1))
+	if err != nil {
+		return nil, err
+	}
+	st, err := ParseState(data)
+	if err != nil {
+		return nil, fmt.Errorf("state file %s: %w; move it aside to start with no models", path, err)
+	}
+	return st, nil
+}
+
+func writeState(path string, st *State) error {
+	data, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return err
+	}
+	return atomicWrite(path, append(data, '\n'))
+}
+
+// atomicWrite replaces path with data so that a power cut leaves either
+// the old file or the new one: write a temp file, fsync it, rename it over
+// path, fsync the directory.
+func atomicWrite(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}

@@ -1,0 +1,323 @@
+package spool
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"strconv"
+	"sync"
+
+	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
+	"google.golang.org/protobuf/proto"
+
+	_ "modernc.org/sqlite" // registers the "sqlite" database/sql driver
+)
+
+// schemaVersion is the layout of spool.db. Open refuses a file with a newer
+// layout rather than guess at it.
+const schemaVersion = 1
+
+// maxRecordBody caps one stored record; records are small (an inference
+// outcome or an event), so anything bigger is corruption.
+const maxRecordBody = 64 << 10
+
+// SQLite is the durable spool, one SQLite file in WAL mode.
+//
+// It runs with synchronous=NORMAL, not FULL. In WAL mode NORMAL never
+// corrupts the file and loses nothing when the agent process crashes; a
+// power cut can lose the last transactions before the next checkpoint. For
+// telemetry that is the right trade: FULL would fsync on every commit, which
+// on an SD card costs milliseconds per batch and wears the card, to save a
+// few hundred milliseconds of inference records. A lost delete (an ack) only
+// makes the agent send a record again, which the controller dedupes.
+//
+// All methods are safe for concurrent use. Database access goes through one
+// connection, so the in-memory record count stays exact.
+type SQLite struct {
+	path  string
+	max   uint64
+	epoch string
+
+	mu      sync.Mutex // guards db use, depth and dropped
+	db      *sql.DB
+	depth   uint64
+	dropped uint64
+}
+
+// OpenSQLite opens the spool file at path, creating it (with a new epoch)
+// when it does not exist. maxRecords bounds the spool; 0 means
+// DefaultMaxRecords.
+func OpenSQLite(ctx context.Context, path string, maxRecords uint64) (*SQLite, error) {
+	if maxRecords == 0 {
+		maxRecords = DefaultMaxRecords
+	}
+	q := url.Values{}
+	q.Add("_pragma", "busy_timeout(5000)")
+	q.Add("_pragma", "journal_mode(WAL)")
+	q.Add("_pragma", "synchronous(NORMAL)")
+	dsn := "file:" + (&url.URL{Path: path}).EscapedPath() + "?" + q.Encode()
+	db, err := sql.Open("sqlite", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("open spool %s: %w", path, err)
+	}
+	db.SetMaxOpenConns(1)
+	s := &SQLite{path: path, max: maxRecords, db: db}
+	if err := s.init(ctx); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open spool %s: %w (if the file is damaged, move it aside; the agent starts a new spool)", path, err)
+	}
+	return s, nil
+}
+
+func (s *SQLite) init(ctx context.Context) error {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	stmts := []string{
+		`CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)`,
+		// AUTOINCREMENT, so a seq is never given out twice even after the
+		// newest records were deleted.
+		`CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER NOT NULL, body BLOB NOT NULL)`,
+		`CREATE INDEX IF NOT EXISTS records_kind_seq ON records (kind, seq)`,
+	}
+	for _, st := range stmts {
+		if _, err := tx.ExecContext(ctx, st); err != nil {
+			return err
+		}
+	}
+	meta := map[string]string{}
+	rows, err := tx.QueryContext(ctx, `SELECT key, value FROM meta`)
+	if err != nil {
+		return err
+	}
+	for rows.Next() {
+		var k, v string
+		if err := rows.Scan(&k, &v); err != nil {
+			rows.Close()
+			return err
+		}
+		meta[k] = v
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	if v, ok := meta["schema"]; ok {
+		n, err := strconv.Atoi(v)
+		if err != nil || n > schemaVersion {
+			return fmt.Errorf("spool schema version %q is newer than this agent's %d; upgrade the agent", v, schemaVersion)
+		}
+	}
+	s.epoch = meta["epoch"]
+	if s.epoch == "" {
+		s.epoch = newEpoch()
+	}
+	if v := meta["dropped"]; v != "" {
+		if s.dropped, err = strconv.ParseUint(v, 10, 64); err != nil {
+			return fmt.Errorf("spool meta dropped=%q is not a count", v)
+		}
+	}
+	for k, v := range map[string]string{"schema": strconv.Itoa(schemaVersion), "epoch": s.epoch} {
+		if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)`, k, v); err != nil {
+			return err
+		}
+	}
+	if err := tx.QueryRowContext(ctx, `SELECT COUNT(*) FROM records`).Scan(&s.depth); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// Path returns the spool file's path.
+func (s *SQLite) Path() string { return s.path }
+
+// Epoch returns the spool's random id, fixed when the file was created.
+func (s *SQLite) Epoch() string { return s.epoch }
+
+// Append stores recs in one transaction and sets each record's Seq. When the
+// spool goes over its bound, the oldest records are dropped as the package
+// doc says.
+func (s *SQLite) Append(ctx context.Context, recs []*pb.TelemetryRecord) error {
+	if len(recs) == 0 {
+		return nil
+	}
+	if err := checkRecords(recs); err != nil {
+		return err
+	}
+	bodies := make([][]byte, len(recs))
+	for i, r := range recs {
+		// Seq lives in its own column; keep it out of the blob.
+		b, err := proto.MarshalOptions{Deterministic: true}.Marshal(&pb.TelemetryRecord{Body: r.GetBody()})
+		if err != nil {
+			return fmt.Errorf("spool append: record %d: %w", i, err)
+		}
+		bodies[i] = b
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.db == nil {
+		return ErrClosed
+	}
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("spool append: %w", err)
+	}
+	defer tx.Rollback()
+	seqs := make([]uint64, len(recs))
+	for i, r := range recs {
+		var seq int64
+		err := tx.QueryRowContext(ctx, `INSERT INTO records (kind, body) VALUES (?, ?) RETURNING seq`, int(kindOf(r)), bodies[i]).Scan(&seq)
+		if err != nil {
+			return fmt.Errorf("spool append: %w", err)
+		}
+		seqs[i] = uint64(seq)
+	}
+	depth := s.depth + uint64(len(recs))
+	var dropped uint64
+	if depth > s.max {
+		excess := depth - s.max
+		// Inference records go first; then anything, oldest first.
+		for _, q := range []string{
+			`DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE kind = 1 ORDER BY seq LIMIT ?)`,
+			`DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT ?)`,
+		} {
+			if excess == 0 {
+				break
+			}
+			res, err := tx.ExecContext(ctx, q, int64(excess))
+			if err != nil {
+				return fmt.Errorf("spool append: drop oldest: %w", err)
+			}
+			n, _ := res.RowsAffected()
+			excess -= uint64(n)
+			dropped += uint64(n)
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES ('dropped', ?)`, strconv.FormatUint(s.dropped+dropped, 10)); err != nil {
+			return fmt.Errorf("spool append: %w", err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("spool append: %w", err)
+	}
+	for i, r := range recs {
+		r.Seq = seqs[i]
+	}
+	s.depth = depth - dropped
+	s.dropped += dropped
+	return nil
+}
+
+// Read returns up to limit records with from <= seq <= to, in seq order.
+func (s *SQLite) Read(ctx context.Context, from, to uint64, limit int) ([]*pb.TelemetryRecord, error) {
+	if limit <= 0 || from > to {
+		return nil, nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.db == nil {
+		return nil, ErrClosed
+	}
+	rows, err := s.db.QueryContext(ctx, `SELECT seq, body FROM records WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?`,
+		clampSeq(from), clampSeq(to), limit)
+	if err != nil {
+		return nil, fmt.Errorf("spool read: %w", err)
+	}
+	defer rows.Close()
+	var out []*pb.TelemetryRecord
+	for rows.Next() {
+		var seq int64
+		var body []byte
+		if err := rows.Scan(&seq, &body); err != nil {
+			return nil, fmt.Errorf("spool read: %w", err)
+		}
+		r := &pb.TelemetryRecord{}
+		if len(body) > maxRecordBody {
+			return nil, fmt.Errorf("spool read: record %d is %d bytes, over the %d byte cap: the spool file is damaged; move %s aside", seq, len(body), maxRecordBody, s.path)
+		}
+		if err := proto.Unmarshal(body, r); err != nil {
+			return nil, fmt.Errorf("spool read: record %d: %w: the spool file is damaged; move %s aside", seq, err, s.path)
+		}
+		r.Seq = uint64(seq)
+		out = append(out, r)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("spool read: %w", err)
+	}
+	return out, nil
+}
+
+// Delete removes the records whose seqs lie in ranges and returns how many
+// it removed. Seqs that are not in the spool are skipped.
+func (s *SQLite) Delete(ctx context.Context, ranges []*pb.SeqRange) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.db == nil {
+		return 0, ErrClosed
+	}
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, fmt.Errorf("spool delete: %w", err)
+	}
+	defer tx.Rollback()
+	var n int64
+	for _, r := range ranges {
+		if r.GetFirst() > r.GetLast() {
+			continue
+		}
+		res, err := tx.ExecContext(ctx, `DELETE FROM records WHERE seq >= ? AND seq <= ?`, clampSeq(r.GetFirst()), clampSeq(r.GetLast()))
+		if err != nil {
+			return 0, fmt.Errorf("spool delete: %w", err)
+		}
+		k, _ := res.RowsAffected()
+		n += k
+	}
+	if err := tx.Commit(); err != nil {
+		return 0, fmt.Errorf("spool delete: %w", err)
+	}
+	s.depth -= uint64(n)
+	return int(n), nil
+}
+
+// Stats returns the spool's depth, drop count and last seq.
+func (s *SQLite) Stats(ctx context.Context) (Stats, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.db == nil {
+		return Stats{}, ErrClosed
+	}
+	st := Stats{Depth: s.depth, Dropped: s.dropped}
+	// sqlite_sequence holds the AUTOINCREMENT high-water mark, which stays
+	// put when the newest records are deleted.
+	var last sql.NullInt64
+	err := s.db.QueryRowContext(ctx, `SELECT seq FROM sqlite_sequence WHERE name = 'records'`).Scan(&last)
+	if err != nil && !errors.Is(err, sql.ErrNoRows) {
+		return Stats{}, fmt.Errorf("spool stats: %w", err)
+	}
+	st.LastSeq = uint64(last.Int64)
+	return st, nil
+}
+
+// Close closes the file. Later calls return ErrClosed.
+func (s *SQLite) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.db == nil {
+		return nil
+	}
+	err := s.db.Close()
+	s.db = nil
+	return err
+}
+
+// clampSeq keeps a seq inside SQLite's signed 64-bit integers, so a range
+// such as [n, MaxUint64] works.
+func clampSeq(v uint64) int64 {
+	if v > 1<<63-1 {
+		return 1<<63 - 1
+	}
+	return int64(v)
+}

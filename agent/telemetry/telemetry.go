@@ -1,0 +1,306 @@
+// Package telemetry sends the agent's spooled records to the controller
+// and deletes them once the controller says it stored them.
+//
+// Delivery is at least once: a batch goes out as a TelemetryBatch; only a
+// TelemetryAck naming its seqs deletes records from the spool. A batch not
+// acknowledged within AckTimeout is sent again (re-read from the spool, so
+// records acknowledged in the meantime are not), and every reconnect sends
+// everything unacknowledged again from the start, since acks of the old
+// connection may have been lost with it. The controller dedupes by
+// (device, spool epoch, seq).
+//
+// At most Window batches wait for their ack at once, which bounds what is
+// in flight after a long outage while keeping the link busy.
+package telemetry
+
+import (
+	"context"
+	"log/slog"
+	"math"
+	"sync/atomic"
+	"time"
+
+	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
+	"github.com/edgefleet/edgefleet/proto/wire"
+	"google.golang.org/protobuf/proto"
+)
+
+// Spool is what the sender reads from and deletes in.
+type Spool interface {
+	Epoch() string
+	Read(ctx context.Context, from, to uint64, limit int) ([]*pb.TelemetryRecord, error)
+	Delete(ctx context.Context, ranges []*pb.SeqRange) (int, error)
+}
+
+// Publisher sends one message to the controller (the MQTT link).
+type Publisher interface {
+	Publish(ctx context.Context, kind wire.Kind, body proto.Message) error
+}
+
+// Options tunes a Sender. Spool and Publisher are required.
+type Options struct {
+	Spool     Spool
+	Publisher Publisher
+	Logger    *slog.Logger
+	// BatchSize caps records per batch (default 500). A batch is also kept
+	// under the payload cap, whatever the records' size.
+	BatchSize int
+	// Window caps batches waiting for their ack (default 4).
+	Window int
+	// AckTimeout is how long a batch waits for its ack before it is sent
+	// again (default 10s).
+	AckTimeout time.Duration
+	// PublishTimeout bounds one publish (default 10s).
+	PublishTimeout time.Duration
+	// Poll is how often the spool is checked without a Poke (default 1s).
+	Poll time.Duration
+	Now  func() time.Time
+}
+
+// payloadBudget leaves room for the envelope around a batch.
+const payloadBudget = wire.MaxPayload - 4<<10
+
+// Sender moves records from the spool to the controller. Create it with
+// New, tell it about connections with Connected and Disconnected, feed it
+// acks with Ack, and run it with Run.
+type Sender struct {
+	o     Options
+	log   *slog.Logger
+	acks  chan *pb.TelemetryAck
+	conn  chan bool
+	poke  chan struct{}
+	stats struct{ batches, records, resent, acked, badAcks atomic.Uint64 }
+}
+
+// Stats are the sender's counters for /metrics.
+type Stats struct {
+	// Batches and Records count what was published, resends included.
+	Batches, Records uint64
+	// Resent counts batches sent again after an ack timeout.
+	Resent uint64
+	// Acked counts records deleted because the controller acknowledged them.
+	Acked uint64
+	// BadAcks counts acks for another spool epoch (ignored).
+	BadAcks uint64
+}
+
+// New returns a Sender; it sends nothing until Connected is called.
+func New(o Options) *Sender {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.BatchSize <= 0 {
+		o.BatchSize = 500
+	}
+	if o.Window <= 0 {
+		o.Window = 4
+	}
+	if o.AckTimeout <= 0 {
+		o.AckTimeout = 10 * time.Second
+	}
+	if o.PublishTimeout <= 0 {
+		o.PublishTimeout = 10 * time.Second
+	}
+	if o.Poll <= 0 {
+		o.Poll = time.Second
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Sender{o: o, log: o.Logger, acks: make(chan *pb.TelemetryAck, 64), conn: make(chan bool, 8), poke: make(chan struct{}, 1)}
+}
+
+// Connected tells the sender a (new) connection is up: everything not yet
+// acknowledged goes out again. It never blocks.
+func (s *Sender) Connected() { s.setConn(true) }
+
+// Disconnected tells the sender the connection is gone. It never blocks.
+func (s *Sender) Disconnected() { s.setConn(false) }
+
+func (s *Sender) setConn(up bool) {
+	select {
+	case s.conn <- up:
+	default:
+		// Full of stale transitions: the newest one is what matters, and
+		// the send loop treats a publish error as offline anyway.
+		select {
+		case <-s.conn:
+		default:
+		}
+		select {
+		case s.conn <- up:
+		default:
+		}
+	}
+}
+
+// Poke says new records are in the spool. It never blocks.
+func (s *Sender) Poke() {
+	select {
+	case s.poke <- struct{}{}:
+	default:
+	}
+}
+
+// Ack hands over an ack from the controller. It never blocks: when acks
+// pile up the newest is dropped, and its records are simply sent again.
+func (s *Sender) Ack(a *pb.TelemetryAck) {
+	select {
+	case s.acks <- a:
+	default:
+		s.log.Warn("telemetry ack dropped: sender is behind")
+	}
+}
+
+// Stats returns the sender's counters.
+func (s *Sender) Stats() Stats {
+	return Stats{Batches: s.stats.batches.Load(), Records: s.stats.records.Load(), Resent: s.stats.resent.Load(),
+		Acked: s.stats.acked.Load(), BadAcks: s.stats.badAcks.Load()}
+}
+
+// inflight is a batch waiting for its ack.
+type inflight struct {
+	first, last uint64
+	// pending holds the batch's seqs not acknowledged yet.
+	pending map[uint64]bool
+	sentAt  time.Time
+}
+
+// Run sends until ctx ends, then returns nil.
+func (s *Sender) Run(ctx context.Context) error {
+	var (
+		online bool
+		cursor uint64 // highest seq sent on this connection
+		flight []*inflight
+	)
+	tick := time.NewTicker(min(s.o.Poll, s.o.AckTimeout/2))
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case up := <-s.conn:
+			online = up
+			cursor, flight = 0, nil
+		case a := <-s.acks:
+			flight = s.handleAck(ctx, a, flight)
+		case <-s.poke:
+		case <-tick.C:
+		}
+		if !online {
+			continue
+		}
+		// Batches past their ack deadline go out again, re-read from the
+		// spool so acknowledged records are left out.
+		now := s.o.Now()
+		keep := flight[:0]
+		var expired []*inflight
+		for _, f := range flight {
+			if now.Sub(f.sentAt) >= s.o.AckTimeout {
+				expired = append(expired, f)
+			} else {
+				keep = append(keep, f)
+			}
+		}
+		flight = keep
+		failed := false
+		for i, f := range expired {
+			nf, err := s.send(ctx, f.first, f.last)
+			if err != nil {
+				// Keep the rest as they were; the next tick retries them.
+				flight = append(flight, expired[i:]...)
+				failed = true
+				break
+			}
+			if nf != nil {
+				s.stats.resent.Add(1)
+				flight = append(flight, nf)
+			}
+		}
+		for !failed && len(flight) < s.o.Window {
+			nf, err := s.send(ctx, cursor+1, math.MaxUint64)
+			if err != nil {
+				// A publish that failed while the link is up (a timeout, a
+				// broken spool read) is retried on the next poke or tick;
+				// a lost connection resets everything via Disconnected.
+				break
+			}
+			if nf == nil {
+				break // nothing more to send
+			}
+			cursor = nf.last
+			flight = append(flight, nf)
+		}
+	}
+}
+
+// send publishes the records in [from, to] (up to a batch) and returns the
+// batch in flight, or nil when there was nothing to send.
+func (s *Sender) send(ctx context.Context, from, to uint64) (*inflight, error) {
+	recs, err := s.o.Spool.Read(ctx, from, to, s.o.BatchSize)
+	if err != nil {
+		s.log.Error("cannot read the spool", "err", err)
+		return nil, err
+	}
+	if len(recs) == 0 {
+		return nil, nil
+	}
+	batch := &pb.TelemetryBatch{SpoolEpoch: s.o.Spool.Epoch(), Records: recs}
+	for len(batch.Records) > 1 && proto.Size(batch) > payloadBudget {
+		batch.Records = batch.Records[:len(batch.Records)/2]
+	}
+	pctx, cancel := context.WithTimeout(ctx, s.o.PublishTimeout)
+	defer cancel()
+	if err := s.o.Publisher.Publish(pctx, wire.KindTelemetry, batch); err != nil {
+		s.log.Debug("telemetry batch not sent", "err", err)
+		return nil, err
+	}
+	f := &inflight{first: batch.Records[0].GetSeq(), last: batch.Records[len(batch.Records)-1].GetSeq(),
+		pending: make(map[uint64]bool, len(batch.Records)), sentAt: s.o.Now()}
+	for _, r := range batch.Records {
+		f.pending[r.GetSeq()] = true
+	}
+	s.stats.batches.Add(1)
+	s.stats.records.Add(uint64(len(batch.Records)))
+	return f, nil
+}
+
+// handleAck deletes exactly the acknowledged seqs and retires the batches
+// they complete.
+func (s *Sender) handleAck(ctx context.Context, a *pb.TelemetryAck, flight []*inflight) []*inflight {
+	if a.GetSpoolEpoch() != s.o.Spool.Epoch() {
+		s.stats.badAcks.Add(1)
+		s.log.Warn("ignoring telemetry ack for another spool epoch", "epoch", a.GetSpoolEpoch(), "ours", s.o.Spool.Epoch())
+		return flight
+	}
+	var ranges []*pb.SeqRange
+	for _, r := range a.GetStored() {
+		if r.GetFirst() <= r.GetLast() {
+			ranges = append(ranges, r)
+		}
+	}
+	if len(ranges) == 0 {
+		return flight
+	}
+	n, err := s.o.Spool.Delete(ctx, ranges)
+	if err != nil {
+		s.log.Error("cannot delete acknowledged records", "err", err)
+		return flight
+	}
+	s.stats.acked.Add(uint64(n))
+	keep := flight[:0]
+	for _, f := range flight {
+		for seq := range f.pending {
+			for _, r := range ranges {
+				if seq >= r.GetFirst() && seq <= r.GetLast() {
+					delete(f.pending, seq)
+					break
+				}
+			}
+		}
+		if len(f.pending) > 0 {
+			keep = append(keep, f)
+		}
+	}
+	return keep
+}
