@@ -1,0 +1,85 @@
+package cli
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/edgefleet/edgefleet/models/bundle"
+)
+
+func run(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var o, e bytes.Buffer
+	code = Main(args, &o, &e)
+	return code, o.String(), e.String()
+}
+
+func TestUsageErrors(t *testing.T) {
+	// Nothing listens here, so a test that reaches the network fails loudly
+	// with a connection error rather than passing by accident.
+	t.Setenv("EDGEFLEET_CONTROLLER", "http://127.0.0.1:1")
+	cases := []struct {
+		args []string
+		code int
+		want string
+	}{
+		{nil, 2, "usage: fleet COMMAND"},
+		{[]string{"frobnicate"}, 2, `unknown command "frobnicate"`},
+		{[]string{"assign", "grid-anomaly", "-l", "a=b"}, 2, "NAME@VERSION"},
+		{[]string{"assign", "grid-anomaly@1.0.0"}, 2, "no selector"},
+		{[]string{"device"}, 2, "exactly one device id"},
+		{[]string{"devices", "extra"}, 2, `unexpected argument "extra"`},
+		{[]string{"devices", "-o", "xml"}, 1, `-o "xml"`},
+		{[]string{"devices", "--controller", "ftp://x"}, 1, "want http://host:port"},
+		{[]string{"model"}, 2, "want a subcommand"},
+		{[]string{"model", "push"}, 2, "want one BUNDLE"},
+		{[]string{"model", "push", "/nonexistent.bundle"}, 1, "/nonexistent.bundle"},
+		{[]string{"devices"}, 1, "cannot reach the controller at http://127.0.0.1:1"},
+	}
+	for _, c := range cases {
+		t.Run(strings.Join(c.args, " "), func(t *testing.T) {
+			code, _, stderr := run(t, c.args...)
+			if code != c.code || !strings.Contains(stderr, c.want) {
+				t.Fatalf("exit %d, stderr %q; want exit %d and %q", code, stderr, c.code, c.want)
+			}
+		})
+	}
+}
+
+func TestModelBuildFromWasm(t *testing.T) {
+	dir := t.TempDir()
+	module := filepath.Join(dir, "m.wasm")
+	manifest := filepath.Join(dir, "manifest.json")
+	out := filepath.Join(dir, "m.bundle")
+	// The bundle format does not run the module, so any bytes do here.
+	if err := os.WriteFile(module, []byte("\x00asm\x01\x00\x00\x00"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mj := `{"abi":1,"name":"tiny","version":"0.1.0","inputs":[{"name":"x","datatype":"FP32","shape":[-1,1]}],"outputs":[{"name":"y","datatype":"FP32","shape":[-1]}]}`
+	if err := os.WriteFile(manifest, []byte(mj), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, stdout, stderr := run(t, "model", "build", "--from", "wasm", "--module", module, "--manifest", manifest, "--out", out)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	b, err := bundle.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b.Manifest.Name != "tiny" || !strings.Contains(stdout, b.Digest) {
+		t.Fatalf("bundle %+v, stdout %q", b.Manifest, stdout)
+	}
+
+	// A manifest with a bad version is refused, naming the file.
+	if err := os.WriteFile(manifest, []byte(strings.Replace(mj, "0.1.0", "one", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, _, stderr = run(t, "model", "build", "--from", "wasm", "--module", module, "--manifest", manifest, "--out", out)
+	if code != 1 || !strings.Contains(stderr, manifest) || !strings.Contains(stderr, "semantic version") {
+		t.Fatalf("exit %d, stderr %q", code, stderr)
+	}
+}
