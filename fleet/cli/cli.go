@@ -65,6 +65,7 @@ func init() {
 		{"device", "ID", "show one device: what it runs, since when, online, health, buffer, last events", runDevice},
 		{"model", "build|push|list ...", "build a bundle, upload it, list uploaded models", runModel},
 		{"assign", "MODEL@VERSION -l SELECTOR [--slot SLOT]", "put a model version on every device the selector matches", runAssign},
+		{"keys", "init [--dir DIR]", "create the release key pair that signs model bundles", runKeys},
 	}
 }
 

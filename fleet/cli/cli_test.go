@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/edgefleet/edgefleet/models/bundle"
+	"github.com/edgefleet/edgefleet/proto/trust"
 )
 
 func run(t *testing.T, args ...string) (code int, stdout, stderr string) {
@@ -81,5 +82,59 @@ func TestModelBuildFromWasm(t *testing.T) {
 	code, _, stderr = run(t, "model", "build", "--from", "wasm", "--module", module, "--manifest", manifest, "--out", out)
 	if code != 1 || !strings.Contains(stderr, manifest) || !strings.Contains(stderr, "semantic version") {
 		t.Fatalf("exit %d, stderr %q", code, stderr)
+	}
+}
+
+func TestKeysInitAndSign(t *testing.T) {
+	dir := t.TempDir()
+	keys := filepath.Join(dir, "keys")
+	if code, _, stderr := run(t, "keys", "init", "--dir", keys); code != 0 {
+		t.Fatalf("keys init: %s", stderr)
+	}
+	if code, _, stderr := run(t, "keys", "init", "--dir", keys); code != 1 || !strings.Contains(stderr, "refusing to overwrite") {
+		t.Fatalf("second keys init: exit %d %s", code, stderr)
+	}
+	if fi, err := os.Stat(filepath.Join(keys, "release.key")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("release.key: %v %v", fi, err)
+	}
+
+	b, err := bundle.New(bundle.Manifest{ABI: 1, Name: "tiny", Version: "0.1.0",
+		Inputs:  []bundle.TensorSpec{{Name: "x", Datatype: "FP32", Shape: []int64{-1}}},
+		Outputs: []bundle.TensorSpec{{Name: "y", Datatype: "FP32", Shape: []int64{-1}}}}, []byte("\x00asm\x01\x00\x00\x00"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, _ := b.Encode()
+	path := filepath.Join(dir, "tiny.bundle")
+	os.WriteFile(path, data, 0o644)
+
+	if code, _, stderr := run(t, "model", "sign", path, "--key", filepath.Join(keys, "release.key")); code != 0 {
+		t.Fatalf("sign: %s", stderr)
+	}
+	signed, err := bundle.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sigs, err := trust.DecodeSignatures(signed.Signature)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := trust.ReadPublicKey(filepath.Join(keys, "release.pub"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := trust.NewKeySet(pub).Verify(trust.DomainBundleManifest, signed.ManifestJSON, sigs); err != nil {
+		t.Fatalf("signature made by fleet model sign does not verify: %v", err)
+	}
+
+	// Rotation: signing with a second key keeps the first signature.
+	keys2 := filepath.Join(dir, "keys2")
+	run(t, "keys", "init", "--dir", keys2)
+	if code, _, stderr := run(t, "model", "sign", path, "--key", filepath.Join(keys2, "release.key")); code != 0 {
+		t.Fatalf("second sign: %s", stderr)
+	}
+	twice, _ := bundle.ReadFile(path)
+	if sigs, _ := trust.DecodeSignatures(twice.Signature); len(sigs) != 2 {
+		t.Fatalf("want 2 signatures after signing with a second key, got %d", len(sigs))
 	}
 }

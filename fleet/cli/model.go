@@ -20,6 +20,8 @@ func runModel(ctx context.Context, e *exec, args []string) error {
 		return runModelPush(ctx, e, args[1:])
 	case "list":
 		return runModelList(ctx, e, args[1:])
+	case "sign":
+		return runModelSign(e, args[1:])
 	case "build":
 		return runModelBuild(e, args[1:])
 	}
