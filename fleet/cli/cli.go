@@ -66,6 +66,7 @@ func init() {
 		{"model", "build|push|list ...", "build a bundle, upload it, list uploaded models", runModel},
 		{"assign", "MODEL@VERSION -l SELECTOR [--slot SLOT]", "put a model version on every device the selector matches", runAssign},
 		{"keys", "init [--dir DIR]", "create the release key pair that signs model bundles", runKeys},
+		{"certs", "init|device ID [--dir DIR]", "create the fleet CA, the controller's and devices' TLS certificates", runCerts},
 	}
 }
 

@@ -2,6 +2,8 @@ package cli
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"os"
 	"path/filepath"
 	"strings"
@@ -136,5 +138,38 @@ func TestKeysInitAndSign(t *testing.T) {
 	twice, _ := bundle.ReadFile(path)
 	if sigs, _ := trust.DecodeSignatures(twice.Signature); len(sigs) != 2 {
 		t.Fatalf("want 2 signatures after signing with a second key, got %d", len(sigs))
+	}
+}
+
+func TestCerts(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "certs")
+	if code, _, stderr := run(t, "certs", "init", "--dir", dir, "--host", "ctl.example"); code != 0 {
+		t.Fatalf("certs init: %s", stderr)
+	}
+	if code, _, stderr := run(t, "certs", "device", "pos-17", "--dir", dir); code != 0 {
+		t.Fatalf("certs device: %s", stderr)
+	}
+	if code, _, stderr := run(t, "certs", "device", "bad/id", "--dir", dir); code != 1 || !strings.Contains(stderr, "bad/id") {
+		t.Fatalf("certs device bad/id: exit %d %s", code, stderr)
+	}
+	pool := x509.NewCertPool()
+	caPEM, _ := os.ReadFile(filepath.Join(dir, "ca.crt"))
+	if !pool.AppendCertsFromPEM(caPEM) {
+		t.Fatal("ca.crt is not PEM")
+	}
+	for name, usage := range map[string]x509.ExtKeyUsage{"devices/pos-17": x509.ExtKeyUsageClientAuth, "controller": x509.ExtKeyUsageServerAuth} {
+		pair, err := tls.LoadX509KeyPair(filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		leaf, _ := x509.ParseCertificate(pair.Certificate[0])
+		if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
+			t.Fatalf("%s does not verify against the CA for %v: %v", name, usage, err)
+		}
+	}
+	pair, _ := tls.LoadX509KeyPair(filepath.Join(dir, "devices/pos-17.crt"), filepath.Join(dir, "devices/pos-17.key"))
+	leaf, _ := x509.ParseCertificate(pair.Certificate[0])
+	if leaf.Subject.CommonName != "pos-17" {
+		t.Fatalf("device certificate CN = %q", leaf.Subject.CommonName)
 	}
 }
