@@ -9,11 +9,12 @@ import (
 	"time"
 
 	"github.com/edgefleet/edgefleet/models/bundle"
+	"github.com/edgefleet/edgefleet/models/compiler"
 )
 
 func runModel(ctx context.Context, e *exec, args []string) error {
 	if len(args) == 0 {
-		return usageErr("want a subcommand: build, push or list")
+		return usageErr("want a subcommand: build, check, predict, push, list or sign")
 	}
 	switch args[0] {
 	case "push":
@@ -23,9 +24,20 @@ func runModel(ctx context.Context, e *exec, args []string) error {
 	case "sign":
 		return runModelSign(e, args[1:])
 	case "build":
+		if from := buildFrom(args[1:]); from != "" && from != "wasm" {
+			f, err := compiler.ParseFormat(from)
+			if err != nil {
+				return usageErr("--from %q: use wasm, xgboost or onnx", from)
+			}
+			return runModelCompile(ctx, e, f, args[1:])
+		}
 		return runModelBuild(e, args[1:])
+	case "predict":
+		return runModelPredict(ctx, e, args[1:])
+	case "check":
+		return runModelCheck(ctx, e, args[1:])
 	}
-	return usageErr("unknown subcommand %q: want build, push or list", args[0])
+	return usageErr("unknown subcommand %q: want build, check, predict, push, list or sign", args[0])
 }
 
 func runModelPush(ctx context.Context, e *exec, args []string) error {
@@ -91,7 +103,7 @@ func runModelList(ctx context.Context, e *exec, args []string) error {
 func runModelBuild(e *exec, args []string) error {
 	var g globals
 	fs := newFlags(e, "model build", &g)
-	from := fs.String("from", "wasm", "source kind: wasm (a module written against models/ABI.md)")
+	from := fs.String("from", "wasm", "source kind: wasm (a module written against models/ABI.md), xgboost or onnx (a trained model file, compiled)")
 	module := fs.String("module", "", "WASM module file (with --from wasm)")
 	manifest := fs.String("manifest", "", "manifest JSON file: name, version, abi, inputs, outputs, limits, tests")
 	out := fs.String("out", "", "bundle file to write")
@@ -100,7 +112,7 @@ func runModelBuild(e *exec, args []string) error {
 		return err
 	}
 	if *from != "wasm" {
-		return usageErr("--from %q is not supported yet; only --from wasm", *from)
+		return usageErr("--from %q: use wasm, xgboost or onnx", *from)
 	}
 	if *module == "" || *manifest == "" || *out == "" {
 		return usageErr("--module, --manifest and --out are required")

@@ -3,6 +3,12 @@
 // reproduces its golden test vectors, and then serves inferences from a
 // pool of sandboxed instances, each call bounded in time and memory.
 //
+// Load refuses a bundle at its first problem; Check reports all of them.
+// A loaded Model counts what happens to it (Stats), replaces an instance
+// that trapped or ran out of time, and can be kept cheaply for a rollback
+// (ReleaseIdle, then Warm) or retired without failing the calls it is
+// serving (Drain).
+//
 // The agent and the fleet CLI (`fleet model predict`, `fleet model check`)
 // both use this package, so a model behaves the same on a laptop as on a
 // device.

@@ -411,7 +411,9 @@ func TestHandMadeInferFailures(t *testing.T) {
 func TestGuestFailures(t *testing.T) {
 	t.Parallel()
 	h := newHost(t, host.Options{PoolSize: 1})
-	m := load(t, h, misbehaveBundle(t, bundle.Limits{TimeoutMillis: 5000, MemoryPages: 512}))
+	// A generous deadline: under -race on a busy machine, running out of
+	// memory takes the Go guest seconds.
+	m := load(t, h, misbehaveBundle(t, bundle.Limits{TimeoutMillis: 20000, MemoryPages: 128}))
 	tests := []struct {
 		name string
 		code float32

@@ -7,14 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tetratelabs/wazero"
 	"github.com/tetratelabs/wazero/api"
-	"github.com/tetratelabs/wazero/imports/wasi_snapshot_preview1"
 
 	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/models/tensor"
@@ -43,7 +42,7 @@ var requiredExports = []export{
 const DefaultTolerance = 1e-5
 
 // Model is a loaded bundle ready to serve inferences. Infer is safe for
-// concurrent use; Close ends it.
+// concurrent use; Close or Drain ends it.
 type Model struct {
 	h        *Host
 	manifest bundle.Manifest
@@ -51,6 +50,7 @@ type Model struct {
 	outputs  []tensor.Spec
 	rt       wazero.Runtime
 	compiled wazero.CompiledModule
+	pages    uint32
 	timeout  time.Duration
 	log      *slog.Logger
 	meta     json.RawMessage
@@ -60,154 +60,130 @@ type Model struct {
 	// or makes a new one, and gives both back.
 	slots chan struct{}
 
-	mu     sync.Mutex
-	idle   []*instance
-	closed bool
+	mu      sync.Mutex
+	idle    []*instance
+	closed  bool
+	pending int // discarded instances not yet replaced
+
+	// inflight counts Infer calls between entry and return; Drain waits
+	// for it to reach zero (drained is signalled when it does).
+	inflight atomic.Int64
+	draining atomic.Bool
+	drained  chan struct{}
+
+	stats counters
+}
+
+// counters are a model's Stats, updated without locks.
+type counters struct {
+	inferences, errors, badInputs, guestErrors, timeouts, traps atomic.Uint64
+	instances, reinstantiations                                 atomic.Uint64
+	peakMemory                                                  atomic.Uint64
+	live                                                        atomic.Int64
+}
+
+// Stats are a model's counters since it was loaded. Golden tests run by
+// Load are not counted, except in Instances.
+type Stats struct {
+	// Inferences is the number of Infer calls that returned.
+	Inferences uint64 `json:"inferences"`
+	// Errors is the number of those that failed, for any reason; the
+	// fields below break some of them down.
+	Errors uint64 `json:"errors"`
+	// BadInputs: refused as ErrBadInput (the caller's fault).
+	BadInputs uint64 `json:"badInputs"`
+	// GuestErrors: the model reported an error (ErrGuest).
+	GuestErrors uint64 `json:"guestErrors"`
+	// Timeouts: stopped at the deadline (ErrTimeout).
+	Timeouts uint64 `json:"timeouts"`
+	// Traps: the module trapped, exited, panicked the Go runtime or ran
+	// out of memory (ErrTrap).
+	Traps uint64 `json:"traps"`
+	// Instances is how many instances were made, the first one included.
+	Instances uint64 `json:"instances"`
+	// Reinstantiations is how many of those replaced an instance
+	// discarded after a trap, a timeout or a protocol violation.
+	Reinstantiations uint64 `json:"reinstantiations"`
+	// LiveInstances is how many instances exist now, busy or idle.
+	LiveInstances int `json:"liveInstances"`
+	// InFlight is how many Infer calls are running or waiting for an
+	// instance now.
+	InFlight int `json:"inFlight"`
+	// Busy is how many instances are serving a call now (at most the pool
+	// size); InFlight - Busy calls are waiting for one.
+	Busy int `json:"busy"`
+	// PeakMemoryBytes is the largest linear memory any instance reached,
+	// measured after each call; it never exceeds MemoryLimitBytes.
+	PeakMemoryBytes uint64 `json:"peakMemoryBytes"`
+	// MemoryLimitBytes is the cap on each instance's linear memory.
+	MemoryLimitBytes uint64 `json:"memoryLimitBytes"`
 }
 
 // Load compiles the bundle's module (through the compilation cache), checks
 // that it speaks a supported ABI and exports what the ABI requires, checks
 // its metadata against the manifest, and runs the manifest's golden test
-// vectors. Any failure refuses the bundle with an error wrapping
-// ErrRefused. The bundle's signature is not checked here: that is the
-// caller's job, with its trusted keys.
+// vectors. The first failure refuses the bundle with an error wrapping
+// ErrRefused (Check reports every problem instead). The bundle's signature
+// is not checked here: that is the caller's job, with its trusted keys.
 func (h *Host) Load(ctx context.Context, b *bundle.Bundle) (*Model, error) {
 	if err := h.begin(); err != nil {
 		return nil, err
 	}
 	defer h.busy.Done()
-	man := b.Manifest
-	log := h.log.With("model", man.Name, "version", man.Version)
-	if man.ABI < 0 || !abiSupported(uint32(man.ABI)) {
-		return nil, fmt.Errorf("%w: %s %s: manifest asks for model ABI v%d; this host speaks %s; rebuild the model for a supported ABI or update the host",
-			ErrRefused, man.Name, man.Version, man.ABI, abiList())
+	m := h.newModel(ctx, b.Manifest)
+	v := &verifier{m: m, b: b, failFast: true, report: &Report{}}
+	if err := v.run(ctx); err != nil {
+		m.discard(ctx)
+		return nil, err
+	}
+	for _, f := range v.report.Findings {
+		if f.Severity == Warn {
+			m.log.Warn("model check: "+f.Message, "check", f.Check)
+		}
+	}
+	if f := v.report.firstFailure(); f != nil {
+		m.discard(ctx)
+		return nil, fmt.Errorf("%w: %s %s: %s", ErrRefused, m.manifest.Name, m.manifest.Version, f.Message)
+	}
+	h.add(m)
+	m.log.Info("model loaded", "digest", b.Digest, "memory_pages", m.pages, "timeout", m.timeout, "tests", len(m.manifest.Tests))
+	return m, nil
+}
+
+// newModel prepares a Model for man: its limits, and a runtime of its own
+// so that it gets its own memory cap (the compilation cache is shared, so
+// a module still compiles once).
+func (h *Host) newModel(ctx context.Context, man bundle.Manifest) *Model {
+	pages := h.opts.MaxMemoryPages
+	if p := man.Limits.MemoryPages; p > 0 && p < pages {
+		pages = p
 	}
 	m := &Model{
 		h:        h,
 		manifest: man,
 		inputs:   specs(man.Inputs),
 		outputs:  specs(man.Outputs),
+		pages:    pages,
 		timeout:  man.Limits.Timeout(h.opts.DefaultTimeout),
-		log:      log,
+		log:      h.log.With("model", man.Name, "version", man.Version),
 		slots:    make(chan struct{}, h.opts.PoolSize),
+		drained:  make(chan struct{}, 1),
 	}
-	for _, s := range append(append([]tensor.Spec{}, m.inputs...), m.outputs...) {
-		if err := s.Validate(); err != nil {
-			return nil, fmt.Errorf("%w: %s %s: manifest: %w", ErrRefused, man.Name, man.Version, err)
-		}
-	}
-	pages := h.opts.MaxMemoryPages
-	if p := man.Limits.MemoryPages; p > 0 && p < pages {
-		pages = p
-	} else if p > pages {
-		log.Warn("manifest asks for more memory than the host allows; capped", "asked_pages", p, "cap_pages", pages)
-	}
-	// One runtime per model, so each gets its own memory cap; the
-	// compilation cache is shared, so a module compiles once.
 	m.rt = wazero.NewRuntimeWithConfig(ctx, h.runtimeConfig(pages))
-	if err := m.load(ctx, b); err != nil {
-		m.discard(ctx)
-		return nil, err
-	}
-	h.add(m)
-	log.Info("model loaded", "digest", b.Digest, "memory_pages", pages, "timeout", m.timeout, "tests", len(man.Tests))
-	return m, nil
+	return m
 }
 
-// discard releases what a failed Load built.
+// discard releases what a failed Load (or a Check) built.
 func (m *Model) discard(ctx context.Context) {
 	ctx = context.WithoutCancel(ctx)
+	m.mu.Lock()
+	m.closed = true
+	m.idle = nil
+	m.mu.Unlock()
 	_ = m.rt.Close(ctx)
 	if m.compiled != nil {
 		_ = m.compiled.Close(ctx)
 	}
-}
-
-func (m *Model) refuse(format string, args ...any) error {
-	return fmt.Errorf("%w: %s %s: %s", ErrRefused, m.manifest.Name, m.manifest.Version, fmt.Sprintf(format, args...))
-}
-
-func (m *Model) load(ctx context.Context, b *bundle.Bundle) error {
-	if _, err := wasi_snapshot_preview1.Instantiate(ctx, m.rt); err != nil {
-		return fmt.Errorf("host: instantiate wasi: %w", err)
-	}
-	start := time.Now()
-	compiled, err := m.rt.CompileModule(ctx, b.Module)
-	if err != nil {
-		return m.refuse("module does not compile: %v", err)
-	}
-	m.compiled = compiled
-	m.log.Debug("module compiled", "took", time.Since(start), "bytes", len(b.Module))
-
-	exports := compiled.ExportedFunctions()
-	if err := checkSignature(exports, requiredExports[0]); err != nil {
-		return m.refuse("%v; is this an Edgefleet model (see models/ABI.md)?", err)
-	}
-	if _, ok := exports["_start"]; ok {
-		if _, ok := exports["_initialize"]; !ok {
-			return m.refuse("module is a WASI command (exports _start, not _initialize); build it as a reactor, e.g. go build -buildmode=c-shared")
-		}
-	}
-	for _, f := range compiled.ImportedFunctions() {
-		mod, name, _ := f.Import()
-		if mod != wasiModule {
-			return m.refuse("module imports %s.%s; models may import only from %s", mod, name, wasiModule)
-		}
-	}
-	if len(compiled.ImportedMemories()) > 0 {
-		return m.refuse("module imports its memory; it must define and export its own as \"memory\"")
-	}
-
-	// The first instance takes a pool slot like any other and goes back to
-	// the pool, so the golden tests and the first real call reuse it.
-	m.slots <- struct{}{}
-	inst, err := m.newInstance(ctx)
-	if err != nil {
-		m.release()
-		return m.refuse("%v", err)
-	}
-	healthy := false
-	defer func() {
-		if !healthy {
-			inst.close(ctx)
-			m.release()
-		}
-	}()
-	actx, cancel := context.WithTimeout(ctx, instantiateTimeout)
-	res, err := inst.call(actx, inst.abiVersion)
-	cancel()
-	if err != nil {
-		return m.refuse("ef_abi_version: %v", err)
-	}
-	if v := uint32(res); !abiSupported(v) {
-		return m.refuse("module speaks model ABI v%d; this host speaks %s; rebuild the model with a matching SDK or update the host", v, abiList())
-	} else if int(v) != m.manifest.ABI {
-		return m.refuse("module speaks model ABI v%d but the manifest says v%d; rebuild the bundle", v, m.manifest.ABI)
-	}
-	for _, e := range requiredExports[1:] {
-		if err := checkSignature(exports, e); err != nil {
-			return m.refuse("%v (models/ABI.md)", err)
-		}
-	}
-	if _, ok := compiled.ExportedMemories()["memory"]; !ok {
-		return m.refuse("module does not export its memory as \"memory\" (models/ABI.md)")
-	}
-	meta, err := inst.metadata(ctx)
-	if err != nil {
-		return m.refuse("ef_metadata: %v", err)
-	}
-	if err := m.checkMetadata(meta); err != nil {
-		return err
-	}
-	m.meta = meta
-	healthy = true
-	m.put(inst)
-	for i, tv := range m.manifest.Tests {
-		if err := m.runTest(ctx, tv); err != nil {
-			return m.refuse("golden test %d of %d failed: %v; the module does not reproduce the manifest's test vectors", i+1, len(m.manifest.Tests), err)
-		}
-	}
-	return nil
 }
 
 func checkSignature(exports map[string]api.FunctionDefinition, e export) error {
@@ -250,31 +226,6 @@ func specs(ts []bundle.TensorSpec) []tensor.Spec {
 	return out
 }
 
-// checkMetadata compares what the module says it is with the manifest: a
-// bundle whose module is another model, or another version, is a packaging
-// mistake that must not reach a device.
-func (m *Model) checkMetadata(raw []byte) error {
-	var md struct {
-		Name    string        `json:"name"`
-		Version string        `json:"version"`
-		Inputs  []tensor.Spec `json:"inputs"`
-		Outputs []tensor.Spec `json:"outputs"`
-	}
-	if err := json.Unmarshal(raw, &md); err != nil {
-		return m.refuse("ef_metadata returned invalid JSON: %v", err)
-	}
-	if md.Name != m.manifest.Name || md.Version != m.manifest.Version {
-		return m.refuse("module says it is %s %s; rebuild the bundle from the right module", md.Name, md.Version)
-	}
-	if md.Inputs != nil && !sameSpecs(md.Inputs, m.inputs) {
-		return m.refuse("module inputs %v differ from the manifest's %v", md.Inputs, m.inputs)
-	}
-	if md.Outputs != nil && !sameSpecs(md.Outputs, m.outputs) {
-		return m.refuse("module outputs %v differ from the manifest's %v", md.Outputs, m.outputs)
-	}
-	return nil
-}
-
 func sameSpecs(a, b []tensor.Spec) bool {
 	if len(a) != len(b) {
 		return false
@@ -292,60 +243,10 @@ func sameSpecs(a, b []tensor.Spec) bool {
 	return true
 }
 
-// runTest runs one golden vector and compares every expected output.
-func (m *Model) runTest(ctx context.Context, tv bundle.TestVector) error {
-	in := make([]tensor.Tensor, len(tv.Inputs))
-	for i, v := range tv.Inputs {
-		t, err := tensorValue(v)
-		if err != nil {
-			return err
-		}
-		in[i] = t
-	}
-	// Golden tests check answers, not speed: a device busy installing an
-	// update must not refuse a good model over a slow first call. The
-	// bound still stops a model that never answers.
-	out, err := m.infer(ctx, in, min(10*m.timeout, instantiateTimeout))
-	if err != nil {
-		return err
-	}
-	tol := tv.Tolerance
-	if tol <= 0 {
-		tol = DefaultTolerance
-	}
-	for _, want := range tv.Outputs {
-		var got *tensor.Tensor
-		for i := range out {
-			if out[i].Name == want.Name {
-				got = &out[i]
-			}
-		}
-		if got == nil {
-			return fmt.Errorf("output %q missing", want.Name)
-		}
-		if got.DType.String() != want.Datatype || !(tensor.Spec{Shape: want.Shape}).ShapeMatches(got.Shape) {
-			return fmt.Errorf("output %q is %s%v, want %s%v", want.Name, got.DType, got.Shape, want.Datatype, want.Shape)
-		}
-		vals, err := got.Float64s()
-		if err != nil {
-			return err
-		}
-		if len(vals) != len(want.Data) {
-			return fmt.Errorf("output %q has %d elements, want %d", want.Name, len(vals), len(want.Data))
-		}
-		for i, w := range want.Data {
-			if d := math.Abs(vals[i] - w); !(d <= tol) {
-				return fmt.Errorf("output %q element %d is %v, want %v (tolerance %g)", want.Name, i, vals[i], w, tol)
-			}
-		}
-	}
-	return nil
-}
-
 func tensorValue(v bundle.TensorValue) (tensor.Tensor, error) {
 	d, err := tensor.ParseDType(v.Datatype)
 	if err != nil {
-		return tensor.Tensor{}, fmt.Errorf("test input %q: %w", v.Name, err)
+		return tensor.Tensor{}, fmt.Errorf("tensor %q: %w", v.Name, err)
 	}
 	return tensor.FromFloat64(v.Name, d, v.Shape, v.Data)
 }
@@ -357,8 +258,33 @@ func (m *Model) Manifest() *bundle.Manifest { return &m.manifest }
 // Metadata returns the JSON the module's ef_metadata gave at load time.
 func (m *Model) Metadata() json.RawMessage { return m.meta }
 
+// Timeout is the deadline of one inference: the manifest's, or the host's
+// default.
+func (m *Model) Timeout() time.Duration { return m.timeout }
+
+// Stats returns the model's counters.
+func (m *Model) Stats() Stats {
+	c := &m.stats
+	return Stats{
+		Inferences:       c.inferences.Load(),
+		Errors:           c.errors.Load(),
+		BadInputs:        c.badInputs.Load(),
+		GuestErrors:      c.guestErrors.Load(),
+		Timeouts:         c.timeouts.Load(),
+		Traps:            c.traps.Load(),
+		Instances:        c.instances.Load(),
+		Reinstantiations: c.reinstantiations.Load(),
+		LiveInstances:    int(c.live.Load()),
+		InFlight:         int(m.inflight.Load()),
+		Busy:             len(m.slots),
+		PeakMemoryBytes:  c.peakMemory.Load(),
+		MemoryLimitBytes: uint64(m.pages) * 65536,
+	}
+}
+
 // Close stops the model: calls in flight fail with ErrClosed and its
-// instances are released. Close is idempotent.
+// instances are released. Close is idempotent. To retire a model that may
+// still be serving, use Drain.
 func (m *Model) Close(ctx context.Context) error {
 	m.mu.Lock()
 	if m.closed {
@@ -375,13 +301,115 @@ func (m *Model) Close(ctx context.Context) error {
 	return errors.Join(m.rt.Close(ctx), m.compiled.Close(ctx))
 }
 
+// Drain closes the model once no Infer call is in flight, or when ctx
+// ends (then the calls still running fail with ErrClosed). Calls that
+// arrive while it waits are served. It is how the agent retires a model it
+// has just swapped out: callers that picked up the old model just before
+// the swap finish normally, and one that calls Infer after Drain closed it
+// gets ErrClosed before any work is done, so it can retry on the model now
+// active; every answer comes wholly from one version.
+func (m *Model) Drain(ctx context.Context) error {
+	m.draining.Store(true)
+	for m.inflight.Load() > 0 {
+		select {
+		case <-m.drained:
+		case <-ctx.Done():
+			return errors.Join(m.Close(context.WithoutCancel(ctx)), ctx.Err())
+		}
+	}
+	return m.Close(ctx)
+}
+
+// Warm makes instances until n (at most the pool size) are idle, so the
+// first calls after an activation or a rollback do not pay for
+// instantiation.
+func (m *Model) Warm(ctx context.Context, n int) error {
+	n = min(n, cap(m.slots))
+	var made []*instance
+	defer func() {
+		for _, inst := range made {
+			m.put(inst)
+		}
+	}()
+	for {
+		m.mu.Lock()
+		enough := len(m.idle)+len(made) >= n
+		m.mu.Unlock()
+		if enough {
+			return nil
+		}
+		select {
+		case m.slots <- struct{}{}:
+		default:
+			return nil // every slot is busy: the pool is as warm as it gets
+		}
+		inst, err := m.newInstance(ctx)
+		if err != nil {
+			m.release()
+			return fmt.Errorf("model %s %s: warm: %w", m.manifest.Name, m.manifest.Version, err)
+		}
+		made = append(made, inst)
+	}
+}
+
+// ReleaseIdle closes idle instances beyond keep and returns how many it
+// closed. A model kept loaded only for an instant rollback needs no
+// instance: its compiled code stays, so it answers again after one
+// instantiation (or a Warm), while its linear memories go back to the
+// system.
+func (m *Model) ReleaseIdle(ctx context.Context, keep int) int {
+	keep = max(keep, 0)
+	m.mu.Lock()
+	var extra []*instance
+	if len(m.idle) > keep {
+		extra = append(extra, m.idle[keep:]...)
+		m.idle = m.idle[:keep]
+	}
+	m.mu.Unlock()
+	for _, inst := range extra {
+		m.closeInstance(ctx, inst)
+	}
+	return len(extra)
+}
+
 // Infer runs the model on in and returns its outputs. The inputs must match
 // the manifest's (by name, datatype and shape, -1 matching any size). Each
 // call is bounded by the manifest's timeout (or the host default) and by
 // ctx. Errors wrap ErrBadInput, ErrGuest, ErrTimeout, ErrTrap, ErrClosed or
 // ctx's error.
+//
+// Infer neither modifies nor keeps in, so the agent may hand the same
+// inputs to a shadow model concurrently.
 func (m *Model) Infer(ctx context.Context, in []tensor.Tensor) ([]tensor.Tensor, error) {
-	return m.infer(ctx, in, m.timeout)
+	m.inflight.Add(1)
+	out, err := m.infer(ctx, in, m.timeout)
+	if m.inflight.Add(-1) == 0 && m.draining.Load() {
+		select {
+		case m.drained <- struct{}{}:
+		default:
+		}
+	}
+	m.count(err)
+	return out, err
+}
+
+func (m *Model) count(err error) {
+	c := &m.stats
+	c.inferences.Add(1)
+	if err == nil {
+		return
+	}
+	c.errors.Add(1)
+	switch {
+	case errors.Is(err, ErrBadInput):
+		c.badInputs.Add(1)
+	case errors.Is(err, ErrTimeout):
+		c.timeouts.Add(1)
+	case errors.Is(err, ErrTrap):
+		c.traps.Add(1)
+	case errors.Is(err, ErrGuest):
+		c.guestErrors.Add(1)
+	}
 }
 
 func (m *Model) infer(ctx context.Context, in []tensor.Tensor, timeout time.Duration) ([]tensor.Tensor, error) {
@@ -393,10 +421,14 @@ func (m *Model) infer(ctx context.Context, in []tensor.Tensor, timeout time.Dura
 		return nil, err
 	}
 	out, err := inst.infer(ctx, in, timeout)
+	m.notePeak(inst)
 	if inst.broken {
-		inst.close(ctx)
+		m.mu.Lock()
+		m.pending++
+		m.mu.Unlock()
+		m.closeInstance(ctx, inst)
 		m.release()
-		m.log.Warn("model instance discarded", "err", err, "trace", inst.trace)
+		m.log.Warn("model instance discarded; the next call makes a new one", "err", err, "trace", inst.trace)
 	} else {
 		m.put(inst)
 	}
@@ -410,6 +442,17 @@ func (m *Model) infer(ctx context.Context, in []tensor.Tensor, timeout time.Dura
 		return nil, fmt.Errorf("%w: model %s %s: outputs do not match the manifest: %w", ErrGuest, m.manifest.Name, m.manifest.Version, err)
 	}
 	return out, nil
+}
+
+// notePeak raises the memory high-water mark to inst's memory size.
+func (m *Model) notePeak(inst *instance) {
+	size := inst.memoryBytes()
+	for {
+		old := m.stats.peakMemory.Load()
+		if size <= old || m.stats.peakMemory.CompareAndSwap(old, size) {
+			return
+		}
+	}
 }
 
 func (m *Model) isClosed() bool {
@@ -454,7 +497,7 @@ func (m *Model) put(inst *instance) {
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
-		inst.close(context.Background())
+		m.closeInstance(context.Background(), inst)
 	} else {
 		m.idle = append(m.idle, inst)
 		m.mu.Unlock()
@@ -488,6 +531,19 @@ func (m *Model) newInstance(ctx context.Context) (*instance, error) {
 	if err != nil {
 		return nil, fmt.Errorf("instantiate: %w", err)
 	}
+	m.stats.instances.Add(1)
+	m.stats.live.Add(1)
+	m.mu.Lock()
+	if m.pending > 0 {
+		m.pending--
+		m.stats.reinstantiations.Add(1)
+	}
+	m.mu.Unlock()
 	m.log.Debug("model instance started", "took", time.Since(start))
 	return newInstance(mod), nil
+}
+
+func (m *Model) closeInstance(ctx context.Context, inst *instance) {
+	inst.close(ctx)
+	m.stats.live.Add(-1)
 }

@@ -97,13 +97,23 @@ func cat(parts ...[]byte) []byte {
 func (m wmodule) encode() []byte {
 	out := []byte{0, 'a', 's', 'm', 1, 0, 0, 0}
 	var types, imports, funcs, exports, codes [][]byte
-	for i, im := range m.imports {
-		types = append(types, functype(im.params, im.results))
-		imports = append(imports, cat(wname(im.module), wname(im.name), []byte{0x00}, uleb(uint32(i))))
+	// typeOf returns the index of a signature, adding it once, as
+	// compilers do: wazero compiles a trampoline per distinct type.
+	typeOf := func(params, results []byte) uint32 {
+		ft := functype(params, results)
+		for i, t := range types {
+			if string(t) == string(ft) {
+				return uint32(i)
+			}
+		}
+		types = append(types, ft)
+		return uint32(len(types) - 1)
+	}
+	for _, im := range m.imports {
+		imports = append(imports, cat(wname(im.module), wname(im.name), []byte{0x00}, uleb(typeOf(im.params, im.results))))
 	}
 	for i, f := range m.funcs {
-		types = append(types, functype(f.params, f.results))
-		funcs = append(funcs, uleb(uint32(len(m.imports)+i)))
+		funcs = append(funcs, uleb(typeOf(f.params, f.results)))
 		if f.export != "" {
 			exports = append(exports, cat(wname(f.export), []byte{0x00}, uleb(uint32(len(m.imports)+i))))
 		}

@@ -1,6 +1,7 @@
 // Package modeltest gives other packages' tests real model bundles, built
-// from the example sources under models/examples, and real guest modules
-// built from any Go guest package (such as a test's testdata guest).
+// from the example sources under models/examples and the misbehaving test
+// models under models/examples/testmodels, and real guest modules built
+// from any Go guest package (such as a test's testdata guest).
 //
 // Builds are cached under os.UserCacheDir()/edgefleet-test-models (or
 // $EDGEFLEET_TEST_MODELS_CACHE), keyed by a hash of the sources, the
@@ -18,6 +19,7 @@ import (
 
 	"github.com/edgefleet/edgefleet/models/build"
 	"github.com/edgefleet/edgefleet/models/bundle"
+	"github.com/edgefleet/edgefleet/models/examples/testmodels"
 )
 
 // CacheEnv names the environment variable that overrides the cache dir.
@@ -62,18 +64,57 @@ func builder(t testing.TB) *build.Builder {
 }
 
 // ExampleBundle builds models/examples/<name> at version into a bundle
-// (module, manifest with inputs, outputs, limits and golden vectors). It
-// fails the test if the example or the version does not exist or does not
-// build.
+// (module, manifest with inputs, outputs, limits and golden vectors). A
+// version only the test models have (such as grid-anomaly 1.2.0-slow, see
+// models/examples/testmodels) is built from there, so a test can roll a
+// misbehaving variant out like any other version. It fails the test if
+// the example or the version does not exist or does not build.
 func ExampleBundle(t testing.TB, name, version string) *bundle.Bundle {
 	t.Helper()
-	key := "example\x00" + name + "\x00" + version
+	b := builder(t)
+	if !exampleHas(b.Root, name, version) && testmodels.Has(b.Root, name, version) {
+		return TestModelBundle(t, name, version)
+	}
+	return built(t, "example", name, version, b.Example)
+}
+
+// TestModelBundle builds test model name at version from
+// models/examples/testmodels (for example "grid-anomaly", testmodels.Loop)
+// into a bundle.
+func TestModelBundle(t testing.TB, name, version string) *bundle.Bundle {
+	t.Helper()
+	b := builder(t)
+	return built(t, "testmodel", name, version, func(ctx context.Context, name, version string) (*bundle.Bundle, error) {
+		return testmodels.Build(ctx, b, name, version)
+	})
+}
+
+// BuildTestModel is TestModelBundle encoded: the bytes of a bundle file.
+func BuildTestModel(t testing.TB, name, version string) []byte {
+	t.Helper()
+	data, err := TestModelBundle(t, name, version).Encode()
+	if err != nil {
+		t.Fatalf("modeltest: encode bundle %s %s: %v", name, version, err)
+	}
+	return data
+}
+
+func exampleHas(root, name, version string) bool {
+	_, err := os.Stat(filepath.Join(root, build.ExamplesDir, name, "golden-"+version+".json"))
+	return err == nil
+}
+
+// built returns the bundle make builds, through the process memo and the
+// precompiled code cache.
+func built(t testing.TB, kind, name, version string, make func(ctx context.Context, name, version string) (*bundle.Bundle, error)) *bundle.Bundle {
+	t.Helper()
+	key := kind + "\x00" + name + "\x00" + version
 	if data, ok := memo.Load(key); ok {
 		return decode(t, data.([]byte))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), buildTimeout)
 	defer cancel()
-	b, err := builder(t).Example(ctx, name, version)
+	b, err := make(ctx, name, version)
 	if err != nil {
 		t.Fatalf("modeltest: %v", err)
 	}

@@ -4,7 +4,11 @@
 //	go run ./scripts/buildmodels -out models/examples/build
 //
 // writes DIR/<name>-<version>.bundle and prints one line per bundle: its
-// path and its digest (the SHA-256 of the file). `make models` runs it.
+// path and its digest (the SHA-256 of the file). Examples with a
+// compile.json (trained XGBoost or ONNX models) are compiled with
+// models/compiler instead of built from Go. The misbehaving test
+// models of models/examples/testmodels go to DIR/testmodels/ the same way.
+// `make models` runs it.
 package main
 
 import (
@@ -89,7 +93,10 @@ func run(ctx context.Context, root, out string, stdout io.Writer) error {
 			fmt.Fprintf(stdout, "%s\tsha256:%s\n", path, bd.Digest)
 		}
 	}
-	return nil
+	if err := buildCompiled(ctx, root, out, stdout); err != nil {
+		return err
+	}
+	return buildTestModels(ctx, b, out, stdout)
 }
 
 // writeFile replaces path atomically, so a reader (a controller serving the
