@@ -27,6 +27,7 @@ import (
 	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/edgefleet/edgefleet/agent/deploy"
@@ -34,7 +35,9 @@ import (
 	"github.com/edgefleet/edgefleet/agent/localapi"
 	"github.com/edgefleet/edgefleet/agent/spool"
 	"github.com/edgefleet/edgefleet/agent/telemetry"
+	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/models/host"
+	"github.com/edgefleet/edgefleet/models/tensor"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 	"github.com/edgefleet/edgefleet/proto/wire"
 	"golang.org/x/sync/errgroup"
@@ -46,7 +49,10 @@ import (
 var Version = "0.1.0-dev"
 
 // Capabilities are announced in Hello.
-var Capabilities = []string{"oip-v2", "telemetry-spool"}
+//
+//	health-watch  watches a new version and rolls it back locally (HealthPolicy)
+//	shadow        can run a candidate in shadow before its switch
+var Capabilities = []string{"oip-v2", "telemetry-spool", "health-watch", "shadow"}
 
 // SpoolFile is the spool's file name in the data directory.
 const SpoolFile = "spool.db"
@@ -58,8 +64,13 @@ const CacheDir = "cache"
 // dependencies and timings tests shrink. Zero values are the defaults.
 type Options struct {
 	Logger *slog.Logger
-	// Host runs the models; nil makes one with its compilation cache under
-	// DATA/cache. The fleet simulator shares one host among its agents.
+	// Loader loads model bundles. Nil means a wazero host (Host, or one
+	// made with its compilation cache under DATA/cache). The fleet
+	// simulator passes one Loader to every agent, which dedupes loaded
+	// models by bundle digest.
+	Loader Loader
+	// Host runs the models when Loader is nil; nil makes one. Run does
+	// not close a Host it was given.
 	Host *host.Host
 	// Spool buffers telemetry; nil opens DATA/spool.db (spool.SQLite).
 	// The fleet simulator passes a spool.Memory. Run does not close it.
@@ -68,8 +79,16 @@ type Options struct {
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 	// Listener serves the local endpoint instead of one on cfg.Listen.
 	Listener net.Listener
+	// Guard checks bundles (signatures) and versions (the version floor)
+	// before they load; nil checks nothing (deploy.AllowAll).
+	Guard deploy.Guard
+	// NoListener runs the agent without a local HTTP endpoint (cfg.Listen
+	// is ignored); callers use (*Agent).Infer or (*Agent).Handler
+	// in-process, as the fleet simulator does.
+	NoListener bool
 	// Ready, if set, is called once the agent serves its restored models
-	// (before it connects), with the local endpoint's address.
+	// (before it connects), with the local endpoint's address ("" with
+	// NoListener).
 	Ready func(addr string)
 	// MinBackoff and MaxBackoff bound the MQTT reconnect delay (1s, 60s).
 	MinBackoff, MaxBackoff time.Duration
@@ -79,7 +98,20 @@ type Options struct {
 	AckTimeout time.Duration
 	// StateInterval is how often the spool depth is re-reported if it changed (10s).
 	StateInterval time.Duration
+	// WatchSaveInterval is how often the counts of a running health watch
+	// are saved to state.json (5s); a simulator of many agents may save
+	// less often.
+	WatchSaveInterval time.Duration
 }
+
+// Loader loads model bundles for the agent (see deploy.Loader).
+type Loader = deploy.Loader
+
+// Model is one loaded model version (see deploy.Model).
+type Model = deploy.Model
+
+// Result is one answered inference (see deploy.Result).
+type Result = deploy.Result
 
 // Spool is the telemetry buffer the agent appends to and sends from;
 // spool.SQLite and spool.Memory are Spools.
@@ -89,12 +121,44 @@ type Spool interface {
 	Stats(ctx context.Context) (spool.Stats, error)
 }
 
-// Run runs the agent until ctx ends, then shuts down cleanly: it stops
-// accepting requests, flushes the spool queue, says offline, and closes
-// the models and the spool.
+// Run runs an agent until ctx ends: New, then (*Agent).Run.
 func Run(ctx context.Context, cfg Config, o Options) error {
-	if err := cfg.Validate(); err != nil {
+	a, err := New(cfg, o)
+	if err != nil {
 		return err
+	}
+	return a.Run(ctx)
+}
+
+// Agent is one edge agent. Make it with New, run it once with Run; Infer
+// and Handler serve its models in-process, also while it runs.
+type Agent struct {
+	cfg  Config
+	o    Options
+	log  *slog.Logger
+	mgr  *deploy.Manager
+	own  *ownHost // the host Run makes when Options has neither Loader nor Host
+	api  *localapi.Server
+	used atomic.Bool
+
+	// Set by Run before anything reads them.
+	spool  Spool
+	queue  atomic.Pointer[spool.Queue]
+	sender *telemetry.Sender
+	link   *link.Link
+
+	statePoke chan struct{}
+	cmds      chan *pb.Command
+
+	mu       sync.Mutex
+	lastSent *pb.ReportedState
+}
+
+// New checks cfg and returns an agent that has not started: Run opens the
+// data directory, restores the models and connects.
+func New(cfg Config, o Options) (*Agent, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
@@ -102,39 +166,116 @@ func Run(ctx context.Context, cfg Config, o Options) error {
 	if o.StateInterval <= 0 {
 		o.StateInterval = 10 * time.Second
 	}
-	log := o.Logger.With("device", cfg.ID)
+	a := &Agent{cfg: cfg, o: o, log: o.Logger.With("device", cfg.ID), statePoke: make(chan struct{}, 1), cmds: make(chan *pb.Command, 16)}
+	loader := o.Loader
+	if loader == nil && o.Host != nil {
+		loader = deploy.HostLoader(o.Host)
+	}
+	if loader == nil {
+		a.own = &ownHost{}
+		loader = a.own
+	}
+	var err error
+	a.mgr, err = deploy.New(deploy.Options{
+		DeviceID: cfg.ID, DataDir: cfg.Data, Loader: loader, Controller: cfg.Controller, Logger: o.Logger,
+		Reporter: a, RetryMin: o.RetryMin, RetryMax: o.RetryMax,
+		Health: cfg.Health.policy(), Shadow: cfg.Shadow.hook(), Guard: o.Guard, SaveInterval: o.WatchSaveInterval,
+	})
+	if err != nil {
+		return nil, err
+	}
+	a.api = localapi.New(localapi.Options{Models: apiModels{a}, Logger: a.log, Metrics: a.writeMetrics})
+	return a, nil
+}
+
+// ownHost is the Loader of an agent that makes its own host in Run.
+type ownHost struct{ h *host.Host }
+
+func (o *ownHost) Load(ctx context.Context, b *bundle.Bundle) (deploy.Model, error) {
+	if o.h == nil {
+		return nil, errors.New("agent: the model host is not running")
+	}
+	return deploy.HostLoader(o.h).Load(ctx, b)
+}
+
+// ID returns the agent's device id.
+func (a *Agent) ID() string { return a.cfg.ID }
+
+// Infer runs in on the active model serving name (a model name, or else a
+// slot name) and records the outcome for telemetry and the health watch,
+// exactly as a call to the local endpoint does. An unknown name is an
+// error wrapping deploy.ErrNoModel.
+func (a *Agent) Infer(ctx context.Context, name string, in []tensor.Tensor) (Result, error) {
+	return a.infer(ctx, name, "", in)
+}
+
+func (a *Agent) infer(ctx context.Context, name, version string, in []tensor.Tensor) (Result, error) {
+	at := time.Now()
+	res, err := a.mgr.Infer(ctx, name, version, in)
+	if errors.Is(err, deploy.ErrNoModel) {
+		return res, err
+	}
+	rec := &pb.InferenceRecord{Model: res.Model, Version: res.Version, AtUnixMs: at.UnixMilli(),
+		LatencyUs: uint32(min(res.Latency.Microseconds(), 1<<32-1))}
+	if err != nil {
+		rec.Error = err.Error()
+	}
+	a.record(&pb.TelemetryRecord{Body: &pb.TelemetryRecord_Inference{Inference: rec}})
+	return res, err
+}
+
+// Handler returns the local endpoint's HTTP handler (the OIP v2 API and
+// /metrics), for callers that serve it themselves or call it in-process.
+func (a *Agent) Handler() http.Handler { return a.api.Handler() }
+
+// Slots returns what runs in each slot, as the agent reports it.
+func (a *Agent) Slots() []*pb.SlotState { return a.mgr.Slots() }
+
+// Generation returns the generation of the last accepted desired state.
+func (a *Agent) Generation() uint64 { return a.mgr.Generation() }
+
+// apiModels is what the local endpoint serves: the agent's models, with
+// every inference recorded.
+type apiModels struct{ a *Agent }
+
+func (m apiModels) Infer(ctx context.Context, name, version string, in []tensor.Tensor) (deploy.Result, error) {
+	return m.a.infer(ctx, name, version, in)
+}
+
+func (m apiModels) Manifest(name string) (*bundle.Manifest, bool) { return m.a.mgr.Manifest(name) }
+func (m apiModels) Ready() bool                                   { return m.a.mgr.Ready() }
+
+// Run runs the agent until ctx ends, then shuts down cleanly: it stops
+// accepting requests, flushes the spool queue, says offline, and closes
+// the models and the spool. An Agent runs once.
+func (a *Agent) Run(ctx context.Context) error {
+	if a.used.Swap(true) {
+		return errors.New("agent: Run called twice; make a new Agent with New")
+	}
+	cfg, o, log := a.cfg, a.o, a.log
 	if err := os.MkdirAll(cfg.Data, 0o755); err != nil {
 		return fmt.Errorf("data directory %s: %w; set --data to a writable directory", cfg.Data, err)
 	}
 
-	sp := o.Spool
-	if sp == nil {
+	a.spool = o.Spool
+	if a.spool == nil {
 		db, err := spool.OpenSQLite(ctx, filepath.Join(cfg.Data, SpoolFile), cfg.SpoolMaxRecords)
 		if err != nil {
 			return err
 		}
 		defer db.Close()
-		sp = db
+		a.spool = db
 	}
 	var err error
 
-	h := o.Host
-	if h == nil {
-		h, err = host.New(ctx, host.Options{CacheDir: filepath.Join(cfg.Data, CacheDir), Logger: log})
+	if a.own != nil {
+		a.own.h, err = host.New(ctx, host.Options{CacheDir: filepath.Join(cfg.Data, CacheDir), Logger: log})
 		if err != nil {
 			return err
 		}
-		defer h.Close(context.WithoutCancel(ctx))
+		defer a.own.h.Close(context.WithoutCancel(ctx))
 	}
 
-	a := &agentRun{cfg: cfg, log: log, spool: sp, statePoke: make(chan struct{}, 1), cmds: make(chan *pb.Command, 16)}
-	a.mgr, err = deploy.New(deploy.Options{
-		DeviceID: cfg.ID, DataDir: cfg.Data, Host: h, Controller: cfg.Controller, Logger: o.Logger,
-		Reporter: a, RetryMin: o.RetryMin, RetryMax: o.RetryMax,
-	})
-	if err != nil {
-		return err
-	}
 	// Models are closed last, after everything that may call them.
 	defer a.mgr.Close(context.WithoutCancel(ctx))
 	if err := a.mgr.Restore(ctx); err != nil {
@@ -143,6 +284,7 @@ func Run(ctx context.Context, cfg Config, o Options) error {
 
 	a.link, err = link.New(link.Options{
 		Broker: cfg.Broker, DeviceID: cfg.ID, Logger: o.Logger, Dial: o.Dial,
+		TLSCert: cfg.TLSCert, TLSKey: cfg.TLSKey, TLSCA: cfg.TLSCA,
 		MinBackoff: o.MinBackoff, MaxBackoff: o.MaxBackoff,
 		Handle:       a.handle,
 		OnConnect:    a.onConnect,
@@ -151,37 +293,40 @@ func Run(ctx context.Context, cfg Config, o Options) error {
 	if err != nil {
 		return err
 	}
-	a.sender = telemetry.New(telemetry.Options{Spool: sp, Publisher: a.link, Logger: log, AckTimeout: o.AckTimeout})
-	a.queue = spool.NewQueue(sp, spool.QueueOptions{Logger: log, Flushed: a.sender.Poke})
-
-	api := localapi.New(localapi.Options{Models: a.mgr, Record: a.record, Logger: log, Metrics: a.writeMetrics})
-	ln := o.Listener
-	if ln == nil {
-		ln, err = net.Listen("tcp", cfg.Listen)
-		if err != nil {
-			return fmt.Errorf("listen on %s: %w; is another agent running? set --listen to a free address", cfg.Listen, err)
-		}
-	}
-	srv := &http.Server{Handler: api.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	a.sender = telemetry.New(telemetry.Options{Spool: a.spool, Publisher: a.link, Logger: log, AckTimeout: o.AckTimeout})
+	queue := spool.NewQueue(a.spool, spool.QueueOptions{Logger: log, Flushed: a.sender.Poke})
+	a.queue.Store(queue)
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error {
-		if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("local endpoint: %w", err)
+	addr := ""
+	if !o.NoListener {
+		ln := o.Listener
+		if ln == nil {
+			ln, err = net.Listen("tcp", cfg.Listen)
+			if err != nil {
+				return fmt.Errorf("listen on %s: %w; is another agent running? set --listen to a free address", cfg.Listen, err)
+			}
 		}
-		return nil
-	})
-	g.Go(func() error {
-		<-gctx.Done()
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		defer cancel()
-		return srv.Shutdown(sctx)
-	})
-	o.Logger.Info("agent ready", "id", cfg.ID, "listen", ln.Addr().String(), "version", Version, "models_active", a.mgr.Ready())
-	if o.Ready != nil {
-		o.Ready(ln.Addr().String())
+		addr = ln.Addr().String()
+		srv := &http.Server{Handler: a.api.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+		g.Go(func() error {
+			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("local endpoint: %w", err)
+			}
+			return nil
+		})
+		g.Go(func() error {
+			<-gctx.Done()
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			return srv.Shutdown(sctx)
+		})
 	}
-	g.Go(func() error { return a.queue.Run(gctx) })
+	o.Logger.Info("agent ready", "id", cfg.ID, "listen", addr, "version", Version, "models_active", a.mgr.Ready())
+	if o.Ready != nil {
+		o.Ready(addr)
+	}
+	g.Go(func() error { return queue.Run(gctx) })
 	g.Go(func() error { return a.sender.Run(gctx) })
 	g.Go(func() error { return a.mgr.Run(gctx) })
 	g.Go(func() error { return a.link.Run(gctx) })
@@ -192,26 +337,9 @@ func Run(ctx context.Context, cfg Config, o Options) error {
 	return err
 }
 
-// agentRun is the state of one Run: the parts and the glue between them.
-type agentRun struct {
-	cfg    Config
-	log    *slog.Logger
-	spool  Spool
-	queue  *spool.Queue
-	sender *telemetry.Sender
-	link   *link.Link
-	mgr    *deploy.Manager
-
-	statePoke chan struct{}
-	cmds      chan *pb.Command
-
-	mu       sync.Mutex
-	lastSent *pb.ReportedState
-}
-
 // handle routes a message from the controller. It runs on the MQTT
 // client's goroutine and hands everything on without blocking.
-func (a *agentRun) handle(kind wire.Kind, env *pb.Envelope) {
+func (a *Agent) handle(kind wire.Kind, env *pb.Envelope) {
 	switch kind {
 	case wire.KindDesired:
 		a.mgr.Offer(env.GetDesired())
@@ -228,12 +356,12 @@ func (a *agentRun) handle(kind wire.Kind, env *pb.Envelope) {
 
 // onConnect says hello and the current state on every (re)connect, then
 // lets the sender resend what is unacknowledged.
-func (a *agentRun) onConnect(ctx context.Context) {
+func (a *Agent) onConnect(ctx context.Context) {
 	a.sayHello(ctx)
 	a.sender.Connected()
 }
 
-func (a *agentRun) sayHello(ctx context.Context) {
+func (a *Agent) sayHello(ctx context.Context) {
 	st := a.state(ctx)
 	hello := &pb.Hello{
 		Labels: a.cfg.Labels, AgentVersion: Version, AbiVersions: slices.Clone(host.SupportedABIs),
@@ -250,7 +378,11 @@ func (a *agentRun) sayHello(ctx context.Context) {
 
 // Event publishes a deployment event, or spools it when offline so the
 // controller still learns of it through telemetry.
-func (a *agentRun) Event(ctx context.Context, ev *pb.Event) {
+func (a *Agent) Event(ctx context.Context, ev *pb.Event) {
+	if a.queue.Load() == nil {
+		a.log.Warn("event before the agent runs; dropped", "kind", ev.GetKind())
+		return
+	}
 	if a.link.Connected() {
 		pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		err := a.link.Publish(pctx, wire.KindEvents, ev)
@@ -260,21 +392,27 @@ func (a *agentRun) Event(ctx context.Context, ev *pb.Event) {
 		}
 		a.log.Debug("event not published; spooling it", "kind", ev.GetKind(), "err", err)
 	}
-	a.queue.Add(&pb.TelemetryRecord{Body: &pb.TelemetryRecord_Event{Event: ev}})
+	a.record(&pb.TelemetryRecord{Body: &pb.TelemetryRecord_Event{Event: ev}})
 }
 
 // StateChanged schedules a state report. It never blocks.
-func (a *agentRun) StateChanged() {
+func (a *Agent) StateChanged() {
 	select {
 	case a.statePoke <- struct{}{}:
 	default:
 	}
 }
 
-func (a *agentRun) record(rec *pb.TelemetryRecord) { a.queue.Add(rec) }
+// record queues a telemetry record; before Run has opened the spool
+// there is nowhere to put it, and it is dropped.
+func (a *Agent) record(rec *pb.TelemetryRecord) {
+	if q := a.queue.Load(); q != nil {
+		q.Add(rec)
+	}
+}
 
 // state builds the ReportedState from the parts.
-func (a *agentRun) state(ctx context.Context) *pb.ReportedState {
+func (a *Agent) state(ctx context.Context) *pb.ReportedState {
 	st := &pb.ReportedState{
 		Slots:             a.mgr.Slots(),
 		DesiredGeneration: a.mgr.Generation(),
@@ -284,7 +422,9 @@ func (a *agentRun) state(ctx context.Context) *pb.ReportedState {
 	if ss, err := a.spool.Stats(ctx); err == nil {
 		st.SpoolDepth, st.SpoolDropped = ss.Depth, ss.Dropped
 	}
-	st.SpoolDropped += a.queue.Dropped()
+	if q := a.queue.Load(); q != nil {
+		st.SpoolDropped += q.Dropped()
+	}
 	st.Health = pb.Health_HEALTH_OK
 	active := 0
 	for _, s := range st.Slots {
@@ -301,7 +441,7 @@ func (a *agentRun) state(ctx context.Context) *pb.ReportedState {
 	return st
 }
 
-func (a *agentRun) publishState(ctx context.Context, st *pb.ReportedState) {
+func (a *Agent) publishState(ctx context.Context, st *pb.ReportedState) {
 	if err := a.link.Publish(ctx, wire.KindState, st); err != nil {
 		a.log.Debug("state not published", "err", err)
 		return
@@ -314,7 +454,7 @@ func (a *agentRun) publishState(ctx context.Context, st *pb.ReportedState) {
 // reportLoop publishes the state when something changed, and re-checks it
 // every interval, so the spool depth stays current without a message per
 // inference.
-func (a *agentRun) reportLoop(ctx context.Context, interval time.Duration) error {
+func (a *Agent) reportLoop(ctx context.Context, interval time.Duration) error {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -341,7 +481,7 @@ func (a *agentRun) reportLoop(ctx context.Context, interval time.Duration) error
 }
 
 // commandLoop runs the controller's ad-hoc commands.
-func (a *agentRun) commandLoop(ctx context.Context) error {
+func (a *Agent) commandLoop(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
@@ -365,7 +505,11 @@ func (a *agentRun) commandLoop(ctx context.Context) error {
 
 // writeMetrics adds the link, spool, telemetry and deployment metrics to
 // the endpoint's /metrics.
-func (a *agentRun) writeMetrics(w io.Writer) {
+func (a *Agent) writeMetrics(w io.Writer) {
+	q := a.queue.Load()
+	if q == nil {
+		return // not running yet
+	}
 	b2i := func(b bool) int {
 		if b {
 			return 1
@@ -383,9 +527,10 @@ func (a *agentRun) writeMetrics(w io.Writer) {
 	metric("edgefleet_agent_mqtt_connects_total", "counter", "Successful broker connections.", ls.Connects)
 	metric("edgefleet_agent_mqtt_malformed_total", "counter", "Messages dropped as malformed.", ls.Malformed)
 	metric("edgefleet_agent_spool_depth", "gauge", "Records waiting in the spool.", ss.Depth)
-	metric("edgefleet_agent_spool_dropped_total", "counter", "Records dropped by the spool bound or a full queue.", ss.Dropped+a.queue.Dropped())
+	metric("edgefleet_agent_spool_dropped_total", "counter", "Records dropped by the spool bound or a full queue.", ss.Dropped+q.Dropped())
 	metric("edgefleet_agent_telemetry_batches_total", "counter", "Telemetry batches published, resends included.", ts.Batches)
 	metric("edgefleet_agent_telemetry_resent_total", "counter", "Telemetry batches resent after an ack timeout.", ts.Resent)
 	metric("edgefleet_agent_telemetry_acked_total", "counter", "Records deleted after the controller's ack.", ts.Acked)
 	metric("edgefleet_agent_desired_generation", "gauge", "Generation of the last accepted desired state.", a.mgr.Generation())
+	a.writeActivationMetrics(w)
 }

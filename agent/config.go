@@ -41,6 +41,19 @@ type Config struct {
 	LogLevel string `yaml:"log_level"`
 	// SpoolMaxRecords bounds the telemetry spool.
 	SpoolMaxRecords uint64 `yaml:"spool_max_records"`
+	// TLSCert and TLSKey are the device's MQTT client certificate and key
+	// (`fleet certs device ID`); the broker takes the device id from the
+	// certificate. They need an ssl:// (or tls://, mqtts://, wss://) broker.
+	TLSCert string `yaml:"tls_cert"`
+	TLSKey  string `yaml:"tls_key"`
+	// TLSCA is the CA that signed the broker's certificate (the fleet's
+	// ca.crt); empty trusts the system's CAs.
+	TLSCA string `yaml:"tls_ca"`
+	// Health is the health watch of a new version when its rollout's
+	// policy leaves fields unset.
+	Health HealthConfig `yaml:"health"`
+	// Shadow gives every new version a shadow phase before its switch.
+	Shadow ShadowConfig `yaml:"shadow"`
 }
 
 // Defaults.
@@ -110,6 +123,18 @@ func (c Config) Validate() error {
 	if _, err := parseLevel(c.LogLevel); err != nil {
 		errs = append(errs, fmt.Errorf("log_level: %w", err))
 	}
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		errs = append(errs, errors.New("tls_cert and tls_key go together: set both --tls-cert and --tls-key to the device's certificate and key"))
+	}
+	if u, err := url.Parse(c.Broker); err == nil && (c.TLSCert != "" || c.TLSCA != "") && !tlsSchemes[u.Scheme] {
+		errs = append(errs, fmt.Errorf("broker: %q is not encrypted but TLS settings are given; use ssl://%s", c.Broker, u.Host))
+	}
+	if err := c.Health.validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.Shadow.validate(); err != nil {
+		errs = append(errs, err)
+	}
 	if c.SpoolMaxRecords < 100 {
 		errs = append(errs, fmt.Errorf("spool_max_records: %d is too small; use at least 100 (default %d)", c.SpoolMaxRecords, spool.DefaultMaxRecords))
 	}
@@ -117,6 +142,9 @@ func (c Config) Validate() error {
 }
 
 var brokerSchemes = map[string]bool{"tcp": true, "mqtt": true, "ssl": true, "tls": true, "mqtts": true, "ws": true, "wss": true}
+
+// tlsSchemes are the broker URL schemes that are encrypted.
+var tlsSchemes = map[string]bool{"ssl": true, "tls": true, "mqtts": true, "wss": true}
 
 // SlogLevel returns the configured log level (info when invalid).
 func (c Config) SlogLevel() slog.Level {
@@ -163,7 +191,7 @@ func ParseConfigFile(data []byte, base Config) (Config, error) {
 }
 
 func configKeys() []string {
-	return []string{"id", "data", "labels", "broker", "controller", "listen", "log_level", "spool_max_records"}
+	return []string{"id", "data", "labels", "broker", "controller", "listen", "log_level", "spool_max_records", "tls_cert", "tls_key", "tls_ca", "health", "shadow"}
 }
 
 // labelFlag collects repeated --label k=v.
@@ -207,6 +235,10 @@ func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Con
 		listen     = fs.String("listen", def.Listen, "local inference endpoint `address` (env EDGEFLEET_LISTEN)")
 		logLevel   = fs.String("log-level", def.LogLevel, "debug, info, warn or error (env EDGEFLEET_LOG_LEVEL)")
 		spoolMax   = fs.Uint64("spool-max-records", def.SpoolMaxRecords, "bound of the telemetry spool (env EDGEFLEET_SPOOL_MAX_RECORDS)")
+		tlsCert    = fs.String("tls-cert", "", "device certificate `file` for an ssl:// broker (env EDGEFLEET_TLS_CERT)")
+		tlsKey     = fs.String("tls-key", "", "device key `file` (env EDGEFLEET_TLS_KEY)")
+		tlsCA      = fs.String("tls-ca", "", "CA `file` of the broker's certificate, the fleet's ca.crt (env EDGEFLEET_TLS_CA)")
+		shadow     = fs.Bool("shadow", false, "give every new version a shadow phase before its switch (env EDGEFLEET_SHADOW=1; tune it under shadow: in the config file)")
 		labels     = labelFlag{}
 	)
 	fs.Var(labels, "label", "device label `key=value`, repeatable (env EDGEFLEET_LABELS=k=v,k2=v2)")
@@ -245,6 +277,9 @@ func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Con
 		{"controller", "EDGEFLEET_CONTROLLER", &cfg.Controller, controller},
 		{"listen", "EDGEFLEET_LISTEN", &cfg.Listen, listen},
 		{"log-level", "EDGEFLEET_LOG_LEVEL", &cfg.LogLevel, logLevel},
+		{"tls-cert", "EDGEFLEET_TLS_CERT", &cfg.TLSCert, tlsCert},
+		{"tls-key", "EDGEFLEET_TLS_KEY", &cfg.TLSKey, tlsKey},
+		{"tls-ca", "EDGEFLEET_TLS_CA", &cfg.TLSCA, tlsCA},
 	}
 	for _, s := range strs {
 		if v := getenv(s.env); v != "" {
@@ -263,6 +298,16 @@ func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Con
 	}
 	if set["spool-max-records"] {
 		cfg.SpoolMaxRecords = *spoolMax
+	}
+	if v := getenv("EDGEFLEET_SHADOW"); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return Config{}, fmt.Errorf("EDGEFLEET_SHADOW=%q: use 1 or 0", v)
+		}
+		cfg.Shadow.Enabled = b
+	}
+	if set["shadow"] {
+		cfg.Shadow.Enabled = *shadow
 	}
 	merged := map[string]string{}
 	for k, v := range cfg.Labels {

@@ -160,6 +160,7 @@ func FuzzParseConfigFile(f *testing.F) {
 	f.Add([]byte("id: a\nlabels: {region: eu}\nspool_max_records: 100\n"))
 	f.Add([]byte("nope: 1\n"))
 	f.Add([]byte("labels: [1, 2]\n"))
+	f.Add([]byte("health: {watch: 90s, max_error_rate: 0.02, max_latency_p99: 250ms, min_inferences: 50}\nshadow: {enabled: true, min_agreement: 0.99}\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cfg, err := ParseConfigFile(data, DefaultConfig())
 		if err != nil {

@@ -1,56 +1,75 @@
 // Package deploy converges the models an agent runs to the desired state
-// the controller publishes, and keeps serving the last good model whatever
-// happens on the way.
+// the controller publishes, watches every new version's health, and keeps
+// serving the last good model whatever happens on the way.
 //
-// The flow for each accepted desired state:
+// The activation pipeline, for each slot whose desired bundle is not the
+// active one:
 //
-//  1. Offer queues a SignedDesiredState (from the MQTT handler; it never
-//     blocks). Run checks it: for this device, generation above the last
-//     accepted one, not expired. A refused one is logged and reported as a
-//     REFUSED event.
-//  2. The accepted state is written to DATA/desired.pb (atomically) before
-//     anything acts on it, so a power cut resumes the same convergence.
-//  3. Diff, a pure function, compares desired slots with running ones and
-//     yields actions; Run applies them one slot at a time: download
-//     (resumable, digest-checked) into DATA/bundles, decode, load in the
-//     wazero host (which runs the golden tests), then switch.
-//  4. A switch writes DATA/state.json first, then swaps the active model
-//     (the old one becomes "previous", its bundle is kept for a rollback),
-//     then reports ACTIVATED and the new state.
+//  1. verify: download (resumable) and check the digest; the manifest must
+//     name the assigned model and version; Guard checks signature and
+//     version floor (a seam: AllowAll until the security issue lands).
+//  2. compile, instantiate, golden self-test: Loader.Load (the wazero
+//     host). A version already loaded in the slot (the previous one, kept
+//     for rollback) skips all of it and switches at once.
+//  3. optional shadow phase (Options.Shadow): the candidate gets a copy of
+//     live inputs beside the active version, its answers compared and
+//     never returned; it is switched in when they agree enough, refused
+//     when they do not.
+//  4. atomic switch: state.json is written first, then the slot's active
+//     model is swapped under a lock that inferences only read; calls in
+//     flight finish on the old model, which is closed after them.
+//  5. health watch (HealthPolicy, from the assignment or the agent's
+//     defaults): errors, timeouts and latency of the new version; HEALTHY
+//     once it held for the watch.
+//  6. automatic local rollback: a version that breaks its bounds is
+//     replaced by the previous one at once (kept loaded during the watch),
+//     reported ROLLED_BACK with the figures, and not activated again for
+//     the same desired generation.
 //
-// A failure at any step reports FAILED with the error and leaves the
-// running model alone. Download failures are retried with backoff; a
-// bundle that downloaded correctly but does not decode or load is
-// content-addressed, so retrying it cannot help: it is not retried until
-// the agent restarts.
+// Stored bundles nobody needs (not active, previous, candidate or
+// desired) are deleted after each pass.
+//
+// A slot's states, and what moves it (health.go, slot.go):
+//
+//	empty    --install-->            watching   (ACTIVATED)
+//	any      --install, shadow-->    shadowing  (candidate beside the active version)
+//	shadowing --agreement ok-->      watching   (ACTIVATED, detail: the shadow figures)
+//	shadowing --agreement low-->     unchanged  (FAILED, candidate refused for the generation)
+//	watching --bounds held-->        healthy    (HEALTHY, SlotState.healthy = true)
+//	watching --bounds broken-->      healthy on the previous version (ROLLED_BACK)
+//	watching --broken, no previous-> unhealthy, still serving (FAILED)
+//	any      --rollback order-->     healthy    (ACTIVATED; a known version, no watch)
+//
+// A desired state is checked before it is acted on (for this device,
+// generation above the last accepted one, not expired) and written to
+// DATA/desired.pb; a refused one is reported REFUSED. Download failures
+// are retried with backoff; a bundle that downloaded correctly but does
+// not decode, load or pass its checks is content-addressed, so retrying
+// it cannot help: it is not retried until the agent restarts.
 //
 // Restore, run before the agent connects anywhere, loads the active model
 // of every slot from state.json and the stored bundles, falling back to
-// the previous model when the active one no longer loads.
+// the previous model when the active one no longer loads, and resumes a
+// health watch where it stood.
 package deploy
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
-	"os"
 	"path/filepath"
-	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/edgefleet/edgefleet/agent/fetch"
-	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/models/host"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -61,12 +80,16 @@ type Reporter interface {
 	StateChanged()
 }
 
-// Options configures a Manager. DeviceID, DataDir and Host are required.
+// Options configures a Manager. DeviceID, DataDir and Loader (or Host)
+// are required.
 type Options struct {
 	DeviceID string
 	// DataDir holds desired.pb, state.json and bundles/.
 	DataDir string
-	Host    *host.Host
+	// Loader loads verified bundles. Nil means HostLoader(Host).
+	Loader Loader
+	// Host is used when Loader is nil.
+	Host *host.Host
 	// Controller is the base URL that relative bundle URLs resolve against.
 	Controller string
 	// HTTPClient downloads bundles; nil means one with sane timeouts.
@@ -80,6 +103,18 @@ type Options struct {
 	DownloadTimeout time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// Health fills what an assignment's HealthPolicy leaves unset; its own
+	// zero fields take DefaultHealthPolicy's.
+	Health HealthPolicy
+	// Shadow decides whether an assignment gets a shadow phase before its
+	// switch, and how; nil (or a nil answer) means none. Assignments
+	// ordering a rollback, and slots with nothing active, never get one.
+	Shadow func(a *pb.SlotAssignment) *ShadowPolicy
+	// Guard checks bundles and versions before they load; nil: AllowAll.
+	Guard Guard
+	// SaveInterval is how often the counts of a running health watch are
+	// saved to state.json (default 5s): what a crash can lose of them.
+	SaveInterval time.Duration
 }
 
 // maxOffers bounds desired states waiting to be checked. Only the newest
@@ -93,6 +128,14 @@ const maxRecentErrors = 10
 // bundle before it stops trying (see LoadingRecord).
 const maxLoadAttempts = 3
 
+// maxWatchRestarts is how many unclean starts during one health watch
+// make the agent presume the watched version kills it, and roll it back.
+const maxWatchRestarts = 3
+
+// shadowQueue bounds the live calls waiting for a shadow candidate; more
+// are skipped, so shadowing never slows the live path.
+const shadowQueue = 64
+
 // Manager owns the slots. Create it with New, call Restore, then Run.
 type Manager struct {
 	o     Options
@@ -100,11 +143,16 @@ type Manager struct {
 	store *fetch.Store
 	base  *url.URL
 
-	// mu guards slots, desired and errs. Only the goroutine running
-	// Restore and then Run changes them; readers are the endpoint and the
-	// state reporter.
+	// switchMu serializes slot transitions and the state.json writes
+	// that record them (reconcile and health loops). It is taken before
+	// mu, and never held by an inference.
+	switchMu sync.Mutex
+
+	// mu guards slots, order, desired and errs. Inferences hold it for
+	// reading only long enough to find their model.
 	mu         sync.RWMutex
 	slots      map[string]*slot
+	order      []string // slot names, sorted
 	desired    *pb.DesiredState
 	desiredRaw []byte
 	errs       []string
@@ -115,38 +163,18 @@ type Manager struct {
 	passCancel context.CancelFunc
 	wake       chan struct{}
 
-	// failures and loadAttempts are touched by Restore and Run only.
+	healthWake chan struct{}
+	shadowQ    chan shadowJob
+
+	// failures and loadAttempts are touched by Restore and the reconcile
+	// loop only.
 	failures     map[string]*failure
 	loadAttempts map[string]int // by digest: loads the agent died in
 	// poisoned is the loading record of a bundle refused for killing the
 	// agent too often; it stays in state.json while that bundle is desired.
 	poisoned *LoadingRecord
-}
-
-type slot struct {
-	active   *loaded
-	since    time.Time
-	previous *Ref
-	pending  *pb.ModelRef
-	lastErr  string
-}
-
-// loaded is a model in service. Inferences hold mu for reading, so
-// closing (which takes it for writing) waits for the calls in flight.
-type loaded struct {
-	ref   Ref
-	mu    sync.RWMutex
-	model *host.Model
-}
-
-func (l *loaded) close(ctx context.Context) {
-	l.mu.Lock()
-	m := l.model
-	l.model = nil
-	l.mu.Unlock()
-	if m != nil {
-		m.Close(ctx)
-	}
+	// deferred holds events Restore decided; Run sends them.
+	deferred []*pb.Event
 }
 
 type failure struct {
@@ -158,8 +186,11 @@ type failure struct {
 
 // New checks the options and returns a Manager with no models.
 func New(o Options) (*Manager, error) {
-	if o.Host == nil || o.DataDir == "" || o.DeviceID == "" {
-		return nil, fmt.Errorf("deploy: DeviceID, DataDir and Host are required")
+	if o.Loader == nil && o.Host != nil {
+		o.Loader = HostLoader(o.Host)
+	}
+	if o.Loader == nil || o.DataDir == "" || o.DeviceID == "" {
+		return nil, fmt.Errorf("deploy: DeviceID, DataDir and Loader (or Host) are required")
 	}
 	base, err := url.Parse(o.Controller)
 	if err != nil {
@@ -183,6 +214,13 @@ func New(o Options) (*Manager, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	if o.Guard == nil {
+		o.Guard = AllowAll{}
+	}
+	if o.SaveInterval <= 0 {
+		o.SaveInterval = 5 * time.Second
+	}
+	o.Health = PolicyFrom(nil, fillPolicy(o.Health))
 	if o.HTTPClient == nil {
 		tr := http.DefaultTransport.(*http.Transport).Clone()
 		tr.ResponseHeaderTimeout = 30 * time.Second
@@ -190,16 +228,37 @@ func New(o Options) (*Manager, error) {
 	}
 	log := o.Logger.With("device", o.DeviceID)
 	return &Manager{
-		o:        o,
-		log:      log,
-		store:    &fetch.Store{Dir: filepath.Join(o.DataDir, BundlesDir), Client: o.HTTPClient, Logger: log},
-		base:     base,
-		slots:    map[string]*slot{},
-		wake:     make(chan struct{}, 1),
-		failures: map[string]*failure{},
+		o:          o,
+		log:        log,
+		store:      &fetch.Store{Dir: filepath.Join(o.DataDir, BundlesDir), Client: o.HTTPClient, Logger: log},
+		base:       base,
+		slots:      map[string]*slot{},
+		wake:       make(chan struct{}, 1),
+		healthWake: make(chan struct{}, 1),
+		shadowQ:    make(chan shadowJob, shadowQueue),
+		failures:   map[string]*failure{},
 
 		loadAttempts: map[string]int{},
 	}, nil
+}
+
+// fillPolicy gives p's zero fields DefaultHealthPolicy's values.
+func fillPolicy(p HealthPolicy) HealthPolicy {
+	d := DefaultHealthPolicy
+	if p.Watch <= 0 {
+		p.Watch = d.Watch
+	}
+	if !(p.MaxErrorRate > 0) {
+		p.MaxErrorRate = d.MaxErrorRate
+	}
+	p.MaxErrorRate = min(p.MaxErrorRate, 1)
+	if p.MaxLatencyP99 < 0 {
+		p.MaxLatencyP99 = 0
+	}
+	if p.MinInferences == 0 {
+		p.MinInferences = d.MinInferences
+	}
+	return p
 }
 
 type nopReporter struct{}
@@ -231,12 +290,32 @@ func (m *Manager) poke() {
 	}
 }
 
+func (m *Manager) pokeHealth() {
+	select {
+	case m.healthWake <- struct{}{}:
+	default:
+	}
+}
+
 // Generation returns the generation of the last accepted desired state.
 func (m *Manager) Generation() uint64 { return m.accepted.Load() }
 
-// Run checks offered desired states and converges to the accepted one
-// until ctx ends. It returns nil then; models stay loaded until Close.
+// Run checks offered desired states and converges to the accepted one,
+// watches new versions' health and runs shadow candidates, until ctx
+// ends. It returns nil then; models stay loaded until Close.
 func (m *Manager) Run(ctx context.Context) error {
+	for _, ev := range m.deferred {
+		m.o.Reporter.Event(ctx, ev)
+	}
+	m.deferred = nil
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return m.reconcileLoop(gctx) })
+	g.Go(func() error { return m.healthLoop(gctx) })
+	g.Go(func() error { return m.shadowLoop(gctx) })
+	return g.Wait()
+}
+
+func (m *Manager) reconcileLoop(ctx context.Context) error {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	for {
@@ -361,6 +440,7 @@ func (m *Manager) reconcile(ctx context.Context) time.Time {
 	if ds == nil {
 		return time.Time{}
 	}
+	m.dropStaleCandidates(ctx, ds)
 	var next time.Time
 	for _, a := range Diff(ds.GetSlots(), running) {
 		if ctx.Err() != nil {
@@ -374,6 +454,20 @@ func (m *Manager) reconcile(ctx context.Context) time.Time {
 			}
 		case OpInstall:
 			digest := a.Assign.GetModel().GetBundleSha256()
+			if m.refusedFor(a.Slot, digest, ds.GetGeneration()) {
+				continue // rolled back or refused in this generation: reported already
+			}
+			if c := m.candidateOf(a.Slot); c != nil && c.l.ref.Digest == digest {
+				if m.shadowPolicy(a.Slot, a.Assign) != nil {
+					continue // shadowing
+				}
+				// The controller assigns the candidate without a shadow
+				// phase now: it has judged the figures; switch.
+				if err := m.promote(ctx, a.Slot, c, a.Assign, ds.GetGeneration(), "switched by the controller after the shadow phase: "+c.stats().String()); err != nil {
+					m.fail(ctx, ds.GetGeneration(), a.Assign, err)
+				}
+				continue
+			}
 			if f := m.failures[a.Slot]; f != nil && f.digest == digest {
 				if f.permanent {
 					continue
@@ -441,16 +535,30 @@ func (m *Manager) fail(ctx context.Context, gen uint64, a *pb.SlotAssignment, er
 	return f
 }
 
-// install brings one assignment into service.
+// install brings one assignment into service, or into its shadow phase.
 func (m *Manager) install(ctx context.Context, gen uint64, a *pb.SlotAssignment) error {
 	ref := a.GetModel()
 	digest := ref.GetBundleSha256()
-	log := m.log.With("slot", a.GetSlot(), "model", ref.GetName(), "version", ref.GetVersion(), "generation", gen)
+	next := Ref{Name: ref.GetName(), Version: ref.GetVersion(), Digest: digest}
+	log := m.log.With("slot", a.GetSlot(), "model", ref.GetName(), "version", ref.GetVersion(), "generation", gen, "rollout", a.GetRolloutId())
 	event := func(kind pb.EventKind) {
 		m.o.Reporter.Event(ctx, &pb.Event{Kind: kind, Slot: a.GetSlot(), Model: ref, Generation: gen,
 			RolloutId: a.GetRolloutId(), AtUnixMs: m.o.Now().UnixMilli()})
 	}
 	m.setPending(a.GetSlot(), ref, m.lastError(a.GetSlot()))
+	running := m.activeRef(a.GetSlot())
+	if err := m.o.Guard.CheckVersion(a.GetSlot(), running, next, a.GetRollback()); err != nil {
+		return permanentError{err}
+	}
+
+	// The previous version, kept loaded for a rollback, switches back at
+	// once: its bundle was verified and self-tested when it came.
+	l := m.loadedIn(a.GetSlot(), digest)
+	if l != nil {
+		event(pb.EventKind_EVENT_KIND_VERIFIED)
+		return m.activate(ctx, a.GetSlot(), l, a, gen, "")
+	}
+
 	if !m.store.Has(digest) {
 		u, err := m.resolve(a.GetUrl())
 		if err != nil {
@@ -474,128 +582,66 @@ func (m *Manager) install(ctx context.Context, gen uint64, a *pb.SlotAssignment)
 		return permanentError{fmt.Errorf("bundle %s holds %s %s, but the desired state names %s %s; fix the assignment on the controller",
 			digest, b.Manifest.Name, b.Manifest.Version, ref.GetName(), ref.GetVersion())}
 	}
+	if err := m.o.Guard.CheckBundle(b); err != nil {
+		return permanentError{err}
+	}
 	event(pb.EventKind_EVENT_KIND_VERIFIED)
 	// Loading runs foreign code through a compiler: record the attempt
 	// first, so a death in it is noticed at the next start.
 	if err := m.writeLoading(&LoadingRecord{Slot: a.GetSlot(), Digest: digest, Attempts: m.loadAttempts[digest] + 1}); err != nil {
 		return fmt.Errorf("cannot record the load attempt (%w); free disk space on the device", err)
 	}
-	model, err := m.o.Host.Load(ctx, b)
+	model, err := m.o.Loader.Load(ctx, b)
+	if werr := m.writeLoading(nil); werr != nil {
+		m.log.Error("cannot update the state file", "err", werr)
+	}
 	if err != nil {
-		if werr := m.writeLoading(nil); werr != nil {
-			m.log.Error("cannot update the state file", "err", werr)
-		}
 		if ctx.Err() != nil {
 			return err
 		}
 		return permanentError{err}
 	}
-	if err := m.activate(ctx, a.GetSlot(), Ref{Name: ref.GetName(), Version: ref.GetVersion(), Digest: digest}, model); err != nil {
-		model.Close(context.WithoutCancel(ctx))
+	l = &loaded{ref: next, model: model}
+	if p := m.shadowPolicy(a.GetSlot(), a); p != nil {
+		if err := m.startShadow(ctx, a.GetSlot(), l, a, gen, *p); err != nil {
+			l.close(context.WithoutCancel(ctx))
+			return err
+		}
+		log.Info("candidate in shadow", "min_inferences", p.MinInferences, "min_agreement", p.MinAgreement, "hold", p.Hold)
+		return nil
+	}
+	if err := m.activate(ctx, a.GetSlot(), l, a, gen, ""); err != nil {
+		l.close(context.WithoutCancel(ctx))
 		return err
 	}
-	log.Info("model activated")
-	event(pb.EventKind_EVENT_KIND_ACTIVATED)
-	m.o.Reporter.StateChanged()
 	return nil
+}
+
+// shadowPolicy is the shadow phase assignment a gets in slot, nil for none.
+func (m *Manager) shadowPolicy(slot string, a *pb.SlotAssignment) *ShadowPolicy {
+	if m.o.Shadow == nil || a.GetRollback() || m.activeRef(slot) == nil {
+		return nil
+	}
+	p := m.o.Shadow(a)
+	if p == nil {
+		return nil
+	}
+	q := p.withDefaults()
+	return &q
 }
 
 // writeLoading writes state.json for the slots as they are, with l as its
 // loading record (nil: none).
 func (m *Manager) writeLoading(l *LoadingRecord) error {
+	m.switchMu.Lock()
+	defer m.switchMu.Unlock()
 	m.mu.RLock()
-	st := m.stateLocked()
+	st := m.stateLocked("", nil)
 	m.mu.RUnlock()
 	if l != nil {
 		st.Loading = l
 	}
 	return writeState(filepath.Join(m.o.DataDir, StateFile), st)
-}
-
-// activate records the switch in state.json, then makes model the slot's
-// active one; the old active model becomes previous and is closed once
-// its calls in flight finish.
-func (m *Manager) activate(ctx context.Context, name string, ref Ref, model *host.Model) error {
-	now := m.o.Now()
-	m.mu.RLock()
-	st := m.stateLocked()
-	m.mu.RUnlock()
-	rec := st.Slots[name]
-	if rec == nil {
-		rec = &SlotRecord{}
-		st.Slots[name] = rec
-	}
-	if rec.Active != nil && rec.Active.Digest != ref.Digest {
-		rec.Previous = rec.Active
-	}
-	r := ref
-	rec.Active, rec.SinceUnixMs = &r, now.UnixMilli()
-	if err := writeState(filepath.Join(m.o.DataDir, StateFile), st); err != nil {
-		return fmt.Errorf("cannot record the switch (%w); free disk space on the device", err)
-	}
-	m.mu.Lock()
-	s := m.slots[name]
-	if s == nil {
-		s = &slot{}
-		m.slots[name] = s
-	}
-	old := s.active
-	s.active = &loaded{ref: ref, model: model}
-	s.since = now
-	s.previous = rec.Previous
-	s.pending, s.lastErr = nil, ""
-	m.mu.Unlock()
-	if old != nil {
-		old.close(context.WithoutCancel(ctx))
-	}
-	return nil
-}
-
-func (m *Manager) remove(ctx context.Context, name string) error {
-	m.mu.RLock()
-	st := m.stateLocked()
-	m.mu.RUnlock()
-	delete(st.Slots, name)
-	if err := writeState(filepath.Join(m.o.DataDir, StateFile), st); err != nil {
-		return fmt.Errorf("cannot record the removal of slot %s (%w); free disk space on the device", name, err)
-	}
-	m.mu.Lock()
-	s := m.slots[name]
-	delete(m.slots, name)
-	m.mu.Unlock()
-	if s != nil && s.active != nil {
-		s.active.close(context.WithoutCancel(ctx))
-	}
-	delete(m.failures, name)
-	m.log.Info("slot removed: the desired state no longer lists it", "slot", name)
-	m.o.Reporter.StateChanged()
-	return nil
-}
-
-// stateLocked returns state.json's content for the slots as they are.
-func (m *Manager) stateLocked() *State {
-	st := &State{Version: stateVersion, Slots: map[string]*SlotRecord{}, Loading: m.poisoned}
-	for name, s := range m.slots {
-		rec := &SlotRecord{Previous: s.previous}
-		if s.active != nil {
-			r := s.active.ref
-			rec.Active, rec.SinceUnixMs = &r, s.since.UnixMilli()
-		}
-		st.Slots[name] = rec
-	}
-	return st
-}
-
-func (m *Manager) setPending(name string, ref *pb.ModelRef, lastErr string) {
-	m.mu.Lock()
-	s := m.slots[name]
-	if s == nil {
-		s = &slot{}
-		m.slots[name] = s
-	}
-	s.pending, s.lastErr = ref, lastErr
-	m.mu.Unlock()
-	m.o.Reporter.StateChanged()
 }
 
 func (m *Manager) lastError(name string) string {
@@ -616,8 +662,8 @@ func (m *Manager) noteError(e string) {
 	m.mu.Unlock()
 }
 
-// prune deletes stored bundles no slot needs: not active, not previous,
-// not desired.
+// prune deletes stored bundles no slot needs: not active, previous,
+// candidate or desired.
 func (m *Manager) prune() {
 	keep := map[string]bool{}
 	m.mu.RLock()
@@ -627,6 +673,9 @@ func (m *Manager) prune() {
 		}
 		if s.previous != nil {
 			keep[s.previous.Digest] = true
+		}
+		if s.cand != nil {
+			keep[s.cand.l.ref.Digest] = true
 		}
 	}
 	for _, a := range m.desired.GetSlots() {
@@ -669,213 +718,7 @@ func earliest(a, b time.Time) time.Time {
 	return a
 }
 
-// Restore loads the last accepted desired state and the models state.json
-// says were active, so the agent serves them before it has any network.
-// Problems with one slot are logged and reported in its state; Restore
-// fails only when the data directory itself is unusable.
-func (m *Manager) Restore(ctx context.Context) error {
-	if err := os.MkdirAll(filepath.Join(m.o.DataDir, BundlesDir), 0o755); err != nil {
-		return fmt.Errorf("data directory %s: %w", m.o.DataDir, err)
-	}
-	m.restoreDesired()
-	st, err := readState(filepath.Join(m.o.DataDir, StateFile))
-	if err != nil {
-		m.log.Error("cannot read the state file; starting with no models", "err", err)
-		m.noteError(err.Error())
-		st = &State{Version: stateVersion, Slots: map[string]*SlotRecord{}}
-	}
-	changed := false
-	if l := st.Loading; l != nil {
-		changed = true
-		if l.Attempts >= maxLoadAttempts {
-			why := fmt.Sprintf("the agent stopped %d times while loading bundle %s; it will not try it again: assign another bundle", l.Attempts, l.Digest)
-			m.failures[l.Slot] = &failure{digest: l.Digest, attempts: l.Attempts, permanent: true}
-			m.poisoned = l
-			m.noteError(fmt.Sprintf("slot %s: %s", l.Slot, why))
-			m.log.Error("refusing a bundle the agent died loading", "slot", l.Slot, "digest", l.Digest, "attempts", l.Attempts)
-			defer func() { m.setPending(l.Slot, nil, why) }()
-		} else {
-			m.loadAttempts[l.Digest] = l.Attempts
-			m.log.Warn("the agent stopped while loading a bundle; it will try again", "slot", l.Slot, "digest", l.Digest, "attempts", l.Attempts)
-		}
-	}
-	names := make([]string, 0, len(st.Slots))
-	for name := range st.Slots {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	for _, name := range names {
-		rec := st.Slots[name]
-		s := &slot{previous: rec.Previous, since: time.UnixMilli(rec.SinceUnixMs)}
-		if rec.Active != nil {
-			model, err := m.loadStored(ctx, *rec.Active)
-			if err == nil {
-				s.active = &loaded{ref: *rec.Active, model: model}
-				m.log.Info("restored model", "slot", name, "model", rec.Active.Name, "version", rec.Active.Version)
-			} else {
-				s.lastErr = fmt.Sprintf("active model %s %s does not load: %v", rec.Active.Name, rec.Active.Version, err)
-				m.log.Error("cannot restore the active model", "slot", name, "model", rec.Active.Name, "version", rec.Active.Version, "err", err)
-				if rec.Previous != nil {
-					if model, perr := m.loadStored(ctx, *rec.Previous); perr == nil {
-						s.active = &loaded{ref: *rec.Previous, model: model}
-						s.previous, s.since = nil, m.o.Now()
-						s.lastErr += "; serving the previous model " + rec.Previous.Version
-						m.log.Warn("serving the previous model instead", "slot", name, "model", rec.Previous.Name, "version", rec.Previous.Version)
-					}
-				}
-				m.noteError(s.lastErr)
-				changed = true
-			}
-		}
-		m.slots[name] = s
-	}
-	if changed {
-		m.mu.RLock()
-		st := m.stateLocked()
-		m.mu.RUnlock()
-		if err := writeState(filepath.Join(m.o.DataDir, StateFile), st); err != nil {
-			m.log.Error("cannot update the state file", "err", err)
-		}
-	}
-	return nil
-}
-
-func (m *Manager) restoreDesired() {
-	path := filepath.Join(m.o.DataDir, DesiredFile)
-	f, err := os.Open(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return
-	}
-	if err != nil {
-		m.log.Error("cannot read the stored desired state", "path", path, "err", err)
-		return
-	}
-	defer f.Close()
-	raw, err := io.ReadAll(io.LimitReader(f, MaxDesired+1024))
-	sd := &pb.SignedDesiredState{}
-	if err == nil {
-		err = proto.Unmarshal(raw, sd)
-	}
-	var ds *pb.DesiredState
-	if err == nil {
-		ds, err = DecodeDesired(sd)
-	}
-	if err == nil && ds.GetDeviceId() != m.o.DeviceID {
-		err = fmt.Errorf("it is for device %q, this agent is %q", ds.GetDeviceId(), m.o.DeviceID)
-	}
-	if err != nil {
-		m.log.Error("ignoring the stored desired state", "path", path, "err", err)
-		return
-	}
-	m.mu.Lock()
-	m.desired, m.desiredRaw = ds, raw
-	m.accepted.Store(ds.GetGeneration())
-	m.mu.Unlock()
-	m.log.Info("restored desired state", "generation", ds.GetGeneration())
-}
-
-func (m *Manager) loadStored(ctx context.Context, ref Ref) (*host.Model, error) {
-	b, err := m.readStored(ref.Digest)
-	if err != nil {
-		return nil, err
-	}
-	return m.o.Host.Load(ctx, b)
-}
-
-// readStored reads and decodes a stored bundle. A file whose digest no
-// longer matches was damaged on disk: that error is transient (download
-// it again). A file with the right digest that does not decode is a bad
-// bundle: that error is permanent.
-func (m *Manager) readStored(digest string) (*bundle.Bundle, error) {
-	path := m.store.Path(digest)
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, bundle.MaxBundleSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("read stored bundle %s: %w", path, err)
-	}
-	sum := sha256.Sum256(data)
-	if got := hex.EncodeToString(sum[:]); got != digest {
-		return nil, fmt.Errorf("stored bundle %s was damaged on disk (sha256 now %s); it will be downloaded again", path, got)
-	}
-	b, err := bundle.Decode(data)
-	if err != nil {
-		return nil, permanentError{fmt.Errorf("bundle %s: %w", digest, err)}
-	}
-	return b, nil
-}
-
-// Acquire returns the active model serving name (a model name, or else a
-// slot name) and a release func the caller must call when its inference
-// is done. The model is not closed before release is called.
-func (m *Manager) Acquire(name string) (*host.Model, func(), bool) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	var l *loaded
-	names := make([]string, 0, len(m.slots))
-	for n := range m.slots {
-		names = append(names, n)
-	}
-	sort.Strings(names) // deterministic when two slots run the same model
-	for _, n := range names {
-		if s := m.slots[n]; s.active != nil && s.active.ref.Name == name {
-			l = s.active
-			break
-		}
-	}
-	if l == nil {
-		if s := m.slots[name]; s != nil && s.active != nil {
-			l = s.active
-		}
-	}
-	if l == nil {
-		return nil, nil, false
-	}
-	l.mu.RLock()
-	if l.model == nil {
-		l.mu.RUnlock()
-		return nil, nil, false
-	}
-	return l.model, l.mu.RUnlock, true
-}
-
-// Ready reports whether at least one model is active.
-func (m *Manager) Ready() bool {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	for _, s := range m.slots {
-		if s.active != nil {
-			return true
-		}
-	}
-	return false
-}
-
-// Slots returns the reported state of every slot, ordered by name.
-func (m *Manager) Slots() []*pb.SlotState {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	out := make([]*pb.SlotState, 0, len(m.slots))
-	for name, s := range m.slots {
-		ss := &pb.SlotState{Slot: name, LastError: s.lastErr}
-		if s.pending != nil {
-			ss.Pending = proto.Clone(s.pending).(*pb.ModelRef)
-		}
-		if s.active != nil {
-			ss.Active = s.active.ref.proto()
-			ss.ActiveSinceUnixMs = s.since.UnixMilli()
-		}
-		if s.previous != nil {
-			ss.Previous = s.previous.proto()
-		}
-		out = append(out, ss)
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Slot < out[j].Slot })
-	return out
-}
+// Generation-independent reads for the reporter and the endpoint.
 
 // DesiredSlots returns how many slots the accepted desired state lists.
 func (m *Manager) DesiredSlots() int {
@@ -889,24 +732,4 @@ func (m *Manager) RecentErrors() []string {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	return append([]string(nil), m.errs...)
-}
-
-func (r Ref) proto() *pb.ModelRef {
-	return &pb.ModelRef{Name: r.Name, Version: r.Version, BundleSha256: r.Digest}
-}
-
-// Close closes every loaded model, waiting for calls in flight. Call it
-// after Run has returned.
-func (m *Manager) Close(ctx context.Context) {
-	m.mu.Lock()
-	var ls []*loaded
-	for _, s := range m.slots {
-		if s.active != nil {
-			ls = append(ls, s.active)
-		}
-	}
-	m.mu.Unlock()
-	for _, l := range ls {
-		l.close(ctx)
-	}
 }

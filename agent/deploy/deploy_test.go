@@ -115,6 +115,11 @@ func FuzzDecodeDesired(f *testing.F) {
 func FuzzParseState(f *testing.F) {
 	f.Add([]byte(`{"version":1,"slots":{"default":{"active":{"name":"m","version":"1.0.0","digest":"` + strings.Repeat("a", 64) + `"}}}}`))
 	f.Add([]byte(`{}`))
+	f.Add([]byte(`{"version":1,"slots":{"s":{"active":{"name":"m","version":"2","digest":"` + strings.Repeat("b", 64) + `"},` +
+		`"previous":{"name":"m","version":"1","digest":"` + strings.Repeat("a", 64) + `"},"rollout_id":"r","generation":3,` +
+		`"watch":{"policy":{"watch_ms":1000,"max_error_rate":0.05,"min_inferences":20},"started_unix_ms":1,"deadline_unix_ms":2,` +
+		`"restarts":1,"counts":{"inferences":9,"errors":1,"latency":[0,3,6]}},` +
+		`"refused":{"name":"m","version":"3","digest":"` + strings.Repeat("c", 64) + `","generation":2,"reason":"x"}}}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		st, err := ParseState(data)
 		if err != nil {
@@ -123,6 +128,12 @@ func FuzzParseState(f *testing.F) {
 		for slot, r := range st.Slots {
 			if !slotRE.MatchString(slot) || r == nil {
 				t.Fatalf("accepted slot %q", slot)
+			}
+			if w := r.Watch; w != nil && (r.Active == nil || len(w.Counts.Latency) > latencyBuckets || w.Counts.Errors > w.Counts.Inferences) {
+				t.Fatalf("accepted watch %+v", w)
+			}
+			if w := r.Watch; w != nil {
+				watchFromRecord(w).policy.Judge(w.Counts, true, w.Extended) // must not panic
 			}
 		}
 	})
@@ -246,10 +257,20 @@ func newFixture(t *testing.T) *fixture {
 // start runs a manager on the fixture's data dir until the test ends.
 func (f *fixture) start() (*Manager, *events, func()) {
 	f.t.Helper()
+	return f.startWith(nil)
+}
+
+// startWith is start with options changed by mod.
+func (f *fixture) startWith(mod func(*Options)) (*Manager, *events, func()) {
+	f.t.Helper()
 	ev := newEvents()
-	m, err := New(Options{DeviceID: "dev-1", DataDir: f.dir, Host: f.host, Controller: f.srv.URL, Reporter: ev,
+	o := Options{DeviceID: "dev-1", DataDir: f.dir, Host: f.host, Controller: f.srv.URL, Reporter: ev,
 		RetryMin: 20 * time.Millisecond, RetryMax: 100 * time.Millisecond,
-		Logger: slog.New(slog.NewTextHandler(testWriter{f.t}, nil))})
+		Logger: slog.New(slog.NewTextHandler(testWriter{f.t}, nil))}
+	if mod != nil {
+		mod(&o)
+	}
+	m, err := New(o)
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -279,6 +300,7 @@ func (f *fixture) start() (*Manager, *events, func()) {
 type testWriter struct{ t *testing.T }
 
 func (w testWriter) Write(p []byte) (int, error) {
+	defer func() { recover() }() // a late line after the test ended
 	w.t.Log(strings.TrimSpace(string(p)))
 	return len(p), nil
 }

@@ -40,7 +40,52 @@ type SlotRecord struct {
 	Active *Ref `json:"active,omitempty"`
 	// SinceUnixMs is when Active became active.
 	SinceUnixMs int64 `json:"since_unix_ms,omitempty"`
-	Previous    *Ref  `json:"previous,omitempty"`
+	// Previous is the last version known good before Active; its bundle
+	// is kept for a rollback.
+	Previous *Ref `json:"previous,omitempty"`
+	// RolloutID and Generation are those of the assignment that
+	// activated Active (PreviousRolloutID: Previous's).
+	RolloutID         string `json:"rollout_id,omitempty"`
+	PreviousRolloutID string `json:"previous_rollout_id,omitempty"`
+	Generation        uint64 `json:"generation,omitempty"`
+	// Watch is set while Active is under its post-activation health watch.
+	Watch *WatchRecord `json:"watch,omitempty"`
+	// Unhealthy is why Active failed its watch with no previous version to
+	// go back to, so it still serves; empty when it is fine. (Absent in
+	// files of agents before the health watch: their versions are good.)
+	Unhealthy string `json:"unhealthy,omitempty"`
+	// Refused is the last version rolled back or refused in this slot: it
+	// is not activated again for the same desired generation.
+	Refused *RefusedRecord `json:"refused,omitempty"`
+}
+
+// WatchRecord is a health watch in progress.
+type WatchRecord struct {
+	Policy         PolicyRecord `json:"policy"`
+	StartedUnixMs  int64        `json:"started_unix_ms"`
+	DeadlineUnixMs int64        `json:"deadline_unix_ms"`
+	Extended       bool         `json:"extended,omitempty"`
+	// Restarts counts the agent's starts during the watch that did not
+	// follow a clean stop: a version that kills the agent is rolled back.
+	Restarts int `json:"restarts,omitempty"`
+	// Clean is set by a clean stop.
+	Clean  bool        `json:"clean,omitempty"`
+	Counts WatchCounts `json:"counts"`
+}
+
+// PolicyRecord is a HealthPolicy in state.json.
+type PolicyRecord struct {
+	WatchMs         int64   `json:"watch_ms"`
+	MaxErrorRate    float64 `json:"max_error_rate"`
+	MaxLatencyP99Ms int64   `json:"max_latency_p99_ms,omitempty"`
+	MinInferences   uint32  `json:"min_inferences"`
+}
+
+// RefusedRecord names a version the slot gave up on, and why.
+type RefusedRecord struct {
+	Ref
+	Generation uint64 `json:"generation"`
+	Reason     string `json:"reason"`
 }
 
 // LoadingRecord is written before a new bundle is loaded and removed once
@@ -80,9 +125,20 @@ func ParseState(data []byte) (*State, error) {
 		if r == nil || !slotRE.MatchString(slot) {
 			return nil, fmt.Errorf("slot %q is malformed", slot)
 		}
-		for _, ref := range []*Ref{r.Active, r.Previous} {
+		refs := []*Ref{r.Active, r.Previous}
+		if r.Refused != nil {
+			refs = append(refs, &r.Refused.Ref)
+		}
+		for _, ref := range refs {
 			if ref != nil && !fetch.ValidDigest(ref.Digest) {
 				return nil, fmt.Errorf("slot %q: digest %q is malformed", slot, ref.Digest)
+			}
+		}
+		if w := r.Watch; w != nil {
+			p := w.Policy
+			if r.Active == nil || p.WatchMs <= 0 || p.MaxLatencyP99Ms < 0 || !(p.MaxErrorRate >= 0 && p.MaxErrorRate <= 1) ||
+				w.Restarts < 0 || len(w.Counts.Latency) > latencyBuckets || w.Counts.Errors > w.Counts.Inferences {
+				return nil, fmt.Errorf("slot %q: watch record is malformed", slot)
 			}
 		}
 	}

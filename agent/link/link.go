@@ -19,12 +19,15 @@ package link
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/url"
+	"os"
 	"sync/atomic"
 	"time"
 
@@ -69,12 +72,19 @@ type Options struct {
 	// Now and Rand are the clock and the jitter source; nil means the real ones.
 	Now  func() time.Time
 	Rand func() float64
+	// TLSCert and TLSKey name the device's client certificate and key
+	// files, for ssl://, tls://, mqtts:// and wss:// brokers. They are read
+	// again at every connection attempt, so a renewed certificate is
+	// picked up without a restart. TLSCA names the CA file of the broker's
+	// certificate; empty trusts the system's CAs.
+	TLSCert, TLSKey, TLSCA string
 }
 
 // Link is one device's MQTT session. Create it with New and run it with Run.
 type Link struct {
 	o         Options
 	log       *slog.Logger
+	tls       *tls.Config // nil for unencrypted brokers
 	client    atomic.Pointer[mqtt.Client]
 	connected atomic.Bool
 
@@ -100,6 +110,10 @@ func New(o Options) (*Link, error) {
 	if err != nil || u.Host == "" {
 		return nil, fmt.Errorf("link: broker URL %q: want tcp://host:port", o.Broker)
 	}
+	tlsCfg, err := clientTLS(u, o)
+	if err != nil {
+		return nil, fmt.Errorf("link: %w", err)
+	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -124,7 +138,7 @@ func New(o Options) (*Link, error) {
 	if o.Rand == nil {
 		o.Rand = rand.Float64
 	}
-	return &Link{o: o, log: o.Logger.With("device", o.DeviceID, "broker", o.Broker)}, nil
+	return &Link{o: o, tls: tlsCfg, log: o.Logger.With("device", o.DeviceID, "broker", o.Broker)}, nil
 }
 
 // Connected reports whether the link has a connection now.
@@ -198,11 +212,25 @@ func (l *Link) Run(ctx context.Context) error {
 			default:
 			}
 		})
+	if l.tls != nil {
+		opts.SetTLSConfig(l.tls)
+	}
 	if l.o.Dial != nil {
 		opts.SetCustomOpenConnectionFn(func(u *url.URL, o mqtt.ClientOptions) (net.Conn, error) {
 			ctx, cancel := context.WithTimeout(context.Background(), o.ConnectTimeout)
 			defer cancel()
-			return l.o.Dial(ctx, "tcp", u.Host)
+			conn, err := l.o.Dial(ctx, "tcp", u.Host)
+			if err != nil || l.tls == nil {
+				return conn, err
+			}
+			cfg := l.tls.Clone()
+			cfg.ServerName = u.Hostname()
+			tc := tls.Client(conn, cfg)
+			if err := tc.HandshakeContext(ctx); err != nil {
+				conn.Close()
+				return nil, err
+			}
+			return tc, nil
 		})
 	}
 	client := mqtt.NewClient(opts)
@@ -378,4 +406,53 @@ func Backoff(n int, min, max time.Duration, r float64) time.Duration {
 	}
 	half := d / 2
 	return half + time.Duration(r*float64(d-half))
+}
+
+// clientTLS returns the TLS configuration for an encrypted broker URL, or
+// nil for an unencrypted one. The key pair is loaded once here, so a wrong
+// path fails at start, and again for every handshake.
+func clientTLS(u *url.URL, o Options) (*tls.Config, error) {
+	switch u.Scheme {
+	case "ssl", "tls", "mqtts", "wss":
+	default:
+		if o.TLSCert != "" || o.TLSKey != "" || o.TLSCA != "" {
+			return nil, fmt.Errorf("broker URL %q is not encrypted but TLS files are given; use ssl://%s", o.Broker, u.Host)
+		}
+		return nil, nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if o.TLSCA != "" {
+		pem, err := os.ReadFile(o.TLSCA)
+		if err != nil {
+			return nil, fmt.Errorf("broker CA: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("broker CA %s holds no PEM certificate", o.TLSCA)
+		}
+		cfg.RootCAs = pool
+	}
+	if (o.TLSCert == "") != (o.TLSKey == "") {
+		return nil, errors.New("a client certificate needs both its certificate and its key file")
+	}
+	if o.TLSCert != "" {
+		load := func() (*tls.Certificate, error) {
+			c, err := tls.LoadX509KeyPair(o.TLSCert, o.TLSKey)
+			if err != nil {
+				return nil, fmt.Errorf("device certificate %s / key %s: %w (issue one with `fleet certs device %s`)", o.TLSCert, o.TLSKey, err, o.DeviceID)
+			}
+			return &c, nil
+		}
+		c, err := load()
+		if err != nil {
+			return nil, err
+		}
+		// The broker takes the device id from the certificate and refuses
+		// a client id that differs: say so now rather than retry forever.
+		if leaf, err := x509.ParseCertificate(c.Certificate[0]); err == nil && leaf.Subject.CommonName != o.DeviceID {
+			return nil, fmt.Errorf("device certificate %s is for %q, but this agent's id is %q; use that device's certificate or --id %s", o.TLSCert, leaf.Subject.CommonName, o.DeviceID, leaf.Subject.CommonName)
+		}
+		cfg.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return load() }
+	}
+	return cfg, nil
 }

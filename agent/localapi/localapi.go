@@ -10,13 +10,14 @@
 //	POST /v2/models/{name}/versions/{v}/infer     the same, only if version v is active
 //	GET  /metrics                                 Prometheus text format
 //
-// Errors are JSON {"error": "..."}. Every inference outcome (model, version,
-// time, latency, error) is handed to a recorder (the telemetry spool)
-// without waiting for the disk.
+// Errors are JSON {"error": "..."}, the protocol's error shape. The
+// endpoint only translates HTTP: Models runs the inference, and the agent
+// behind it records the outcome for telemetry and the health watch.
 package localapi
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -29,9 +30,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/edgefleet/edgefleet/agent/deploy"
+	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/models/host"
 	"github.com/edgefleet/edgefleet/models/tensor"
-	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 )
 
 // Platform is the OIP platform name of every model the agent serves.
@@ -43,11 +45,14 @@ const DefaultMaxBody = 4 << 20
 // maxInputs caps the tensors of one request.
 const maxInputs = 64
 
-// Models is where the endpoint finds the model serving a name.
+// Models is where the endpoint finds the model serving a name; the agent
+// (over deploy.Manager) is one.
 type Models interface {
-	// Acquire returns the active model for name and a release func to call
-	// when the call is done (the model is not closed before).
-	Acquire(name string) (*host.Model, func(), bool)
+	// Infer runs the active model serving name; a non-empty version must
+	// be the active one's, else the error wraps deploy.ErrNoModel.
+	Infer(ctx context.Context, name, version string, in []tensor.Tensor) (deploy.Result, error)
+	// Manifest returns the manifest of the active model serving name.
+	Manifest(name string) (*bundle.Manifest, bool)
 	// Ready reports whether at least one model is active.
 	Ready() bool
 }
@@ -55,15 +60,12 @@ type Models interface {
 // Options configures a Server. Models is required.
 type Options struct {
 	Models Models
-	// Record receives every inference outcome; it must not block.
-	Record func(*pb.TelemetryRecord)
 	Logger *slog.Logger
 	// MaxBody caps a request body in bytes (default DefaultMaxBody).
 	MaxBody int64
 	// Metrics, if set, writes more metrics (the agent's link, spool and
 	// deployment counters) after the endpoint's own.
 	Metrics func(w io.Writer)
-	Now     func() time.Time
 }
 
 // Server serves the local API. Its Handler is safe for concurrent use.
@@ -92,12 +94,6 @@ func New(o Options) *Server {
 	}
 	if o.MaxBody <= 0 {
 		o.MaxBody = DefaultMaxBody
-	}
-	if o.Record == nil {
-		o.Record = func(*pb.TelemetryRecord) {}
-	}
-	if o.Now == nil {
-		o.Now = time.Now
 	}
 	s := &Server{o: o, log: o.Logger, mux: http.NewServeMux(), calls: map[callKey]*callStats{}}
 	s.mux.HandleFunc("GET /v2/health/live", func(w http.ResponseWriter, r *http.Request) {
@@ -137,12 +133,11 @@ type ModelMetadata struct {
 
 func (s *Server) metadata(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
-	m, release, ok := s.o.Models.Acquire(name)
+	man, ok := s.o.Models.Manifest(name)
 	if !ok {
 		s.notFound(w, name)
 		return
 	}
-	man := m.Manifest()
 	md := ModelMetadata{Name: man.Name, Versions: []string{man.Version}, Platform: Platform}
 	for _, in := range man.Inputs {
 		md.Inputs = append(md.Inputs, tensor.Spec{Name: in.Name, Datatype: in.Datatype, Shape: in.Shape})
@@ -150,18 +145,15 @@ func (s *Server) metadata(w http.ResponseWriter, r *http.Request) {
 	for _, out := range man.Outputs {
 		md.Outputs = append(md.Outputs, tensor.Spec{Name: out.Name, Datatype: out.Datatype, Shape: out.Shape})
 	}
-	release()
 	writeJSON(w, http.StatusOK, md)
 }
 
 func (s *Server) modelReady(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
-	_, release, ok := s.o.Models.Acquire(name)
-	if !ok {
+	if _, ok := s.o.Models.Manifest(name); !ok {
 		s.notFound(w, name)
 		return
 	}
-	release()
 	writeJSON(w, http.StatusOK, map[string]any{"name": name, "ready": true})
 }
 
@@ -216,23 +208,13 @@ func (s *Server) infer(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	m, release, ok := s.o.Models.Acquire(name)
-	if !ok {
-		s.notFound(w, name)
-		return
-	}
-	man := m.Manifest()
-	if v := r.PathValue("version"); v != "" && v != man.Version {
-		release()
+	res, err := s.o.Models.Infer(r.Context(), name, r.PathValue("version"), in)
+	if errors.Is(err, deploy.ErrNoModel) {
 		s.rejected.notFound.Add(1)
-		writeError(w, http.StatusNotFound, fmt.Sprintf("model %q version %s is not active; version %s is", name, v, man.Version))
+		writeError(w, http.StatusNotFound, fmt.Sprintf("%v; GET /v2/health/ready tells whether any model is", err))
 		return
 	}
-	start := s.o.Now()
-	out, err := m.Infer(r.Context(), in)
-	took := s.o.Now().Sub(start)
-	release()
-	s.account(man.Name, man.Version, start, took, err)
+	s.account(res.Model, res.Version, res.Latency, err)
 	if err != nil {
 		code := http.StatusInternalServerError
 		switch {
@@ -243,22 +225,22 @@ func (s *Server) infer(w http.ResponseWriter, r *http.Request) {
 		case errors.Is(err, host.ErrClosed):
 			code = http.StatusServiceUnavailable
 		}
-		s.log.Debug("inference failed", "model", man.Name, "version", man.Version, "err", err)
+		s.log.Debug("inference failed", "model", res.Model, "version", res.Version, "err", err)
 		writeError(w, code, err.Error())
 		return
 	}
-	resp := tensor.InferResponse{ModelName: man.Name, ModelVersion: man.Version, ID: req.ID}
+	resp := tensor.InferResponse{ModelName: res.Model, ModelVersion: res.Version, ID: req.ID}
 	want := map[string]bool{}
 	for _, o := range req.Outputs {
 		want[o.Name] = true
 	}
-	for _, t := range out {
+	for _, t := range res.Outputs {
 		if len(want) > 0 && !want[t.Name] {
 			continue
 		}
 		o, err := tensor.ToOIP(t)
 		if err != nil {
-			writeError(w, http.StatusInternalServerError, fmt.Sprintf("model %s %s: %v", man.Name, man.Version, err))
+			writeError(w, http.StatusInternalServerError, fmt.Sprintf("model %s %s: %v", res.Model, res.Version, err))
 			return
 		}
 		resp.Outputs = append(resp.Outputs, o)
@@ -266,9 +248,10 @@ func (s *Server) infer(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, resp)
 }
 
-// account counts the call and records its outcome for telemetry.
-func (s *Server) account(model, version string, at time.Time, took time.Duration, err error) {
+// account counts the call for /metrics.
+func (s *Server) account(model, version string, took time.Duration, err error) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	k := callKey{model, version}
 	c := s.calls[k]
 	if c == nil {
@@ -281,12 +264,6 @@ func (s *Server) account(model, version string, at time.Time, took time.Duration
 		c.ok++
 	}
 	c.latencySum += took
-	s.mu.Unlock()
-	rec := &pb.InferenceRecord{Model: model, Version: version, AtUnixMs: at.UnixMilli(), LatencyUs: uint32(min(took.Microseconds(), 1<<32-1))}
-	if err != nil {
-		rec.Error = err.Error()
-	}
-	s.o.Record(&pb.TelemetryRecord{Body: &pb.TelemetryRecord_Inference{Inference: rec}})
 }
 
 func (s *Server) metrics(w http.ResponseWriter, r *http.Request) {

@@ -4,6 +4,11 @@
 //
 //	fleet-agent --id pos-17 --label region=eu --broker tcp://ctl:1883 --controller http://ctl:8080
 //
+// With a TLS broker the device presents its certificate (`fleet certs
+// device ID`), whose name must be its id:
+//
+//	fleet-agent --id pos-17 --broker ssl://ctl:8883 --tls-cert pos-17.crt --tls-key pos-17.key --tls-ca ca.crt
+//
 // Flags win over EDGEFLEET_* environment variables, which win over the
 // --config YAML file. SIGINT or SIGTERM stops it cleanly.
 package main
