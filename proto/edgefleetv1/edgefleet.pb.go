@@ -533,7 +533,9 @@ type SlotState struct {
 	// True once the active version passed its post-activation health watch.
 	Healthy bool `protobuf:"varint,7,opt,name=healthy,proto3" json:"healthy,omitempty"`
 	// Rollout that put the active version here, if any.
-	RolloutId     string `protobuf:"bytes,8,opt,name=rollout_id,json=rolloutId,proto3" json:"rollout_id,omitempty"`
+	RolloutId string `protobuf:"bytes,8,opt,name=rollout_id,json=rolloutId,proto3" json:"rollout_id,omitempty"`
+	// The shadow comparison under way or last finished in this slot.
+	Shadow        *ShadowState `protobuf:"bytes,9,opt,name=shadow,proto3" json:"shadow,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -624,6 +626,122 @@ func (x *SlotState) GetRolloutId() string {
 	return ""
 }
 
+func (x *SlotState) GetShadow() *ShadowState {
+	if x != nil {
+		return x.Shadow
+	}
+	return nil
+}
+
+// ShadowState reports how a candidate compared with the active version.
+type ShadowState struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Candidate      *ModelRef              `protobuf:"bytes,1,opt,name=candidate,proto3" json:"candidate,omitempty"`
+	Compared       uint64                 `protobuf:"varint,2,opt,name=compared,proto3" json:"compared,omitempty"`
+	Agreed         uint64                 `protobuf:"varint,3,opt,name=agreed,proto3" json:"agreed,omitempty"`
+	Errors         uint64                 `protobuf:"varint,4,opt,name=errors,proto3" json:"errors,omitempty"`
+	MaxScoreDiff   float64                `protobuf:"fixed64,5,opt,name=max_score_diff,json=maxScoreDiff,proto3" json:"max_score_diff,omitempty"`
+	MeanScoreDiff  float64                `protobuf:"fixed64,6,opt,name=mean_score_diff,json=meanScoreDiff,proto3" json:"mean_score_diff,omitempty"`
+	CandidateP99Us uint32                 `protobuf:"varint,7,opt,name=candidate_p99_us,json=candidateP99Us,proto3" json:"candidate_p99_us,omitempty"`
+	ActiveP99Us    uint32                 `protobuf:"varint,8,opt,name=active_p99_us,json=activeP99Us,proto3" json:"active_p99_us,omitempty"`
+	SinceUnixMs    int64                  `protobuf:"varint,9,opt,name=since_unix_ms,json=sinceUnixMs,proto3" json:"since_unix_ms,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *ShadowState) Reset() {
+	*x = ShadowState{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShadowState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShadowState) ProtoMessage() {}
+
+func (x *ShadowState) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShadowState.ProtoReflect.Descriptor instead.
+func (*ShadowState) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ShadowState) GetCandidate() *ModelRef {
+	if x != nil {
+		return x.Candidate
+	}
+	return nil
+}
+
+func (x *ShadowState) GetCompared() uint64 {
+	if x != nil {
+		return x.Compared
+	}
+	return 0
+}
+
+func (x *ShadowState) GetAgreed() uint64 {
+	if x != nil {
+		return x.Agreed
+	}
+	return 0
+}
+
+func (x *ShadowState) GetErrors() uint64 {
+	if x != nil {
+		return x.Errors
+	}
+	return 0
+}
+
+func (x *ShadowState) GetMaxScoreDiff() float64 {
+	if x != nil {
+		return x.MaxScoreDiff
+	}
+	return 0
+}
+
+func (x *ShadowState) GetMeanScoreDiff() float64 {
+	if x != nil {
+		return x.MeanScoreDiff
+	}
+	return 0
+}
+
+func (x *ShadowState) GetCandidateP99Us() uint32 {
+	if x != nil {
+		return x.CandidateP99Us
+	}
+	return 0
+}
+
+func (x *ShadowState) GetActiveP99Us() uint32 {
+	if x != nil {
+		return x.ActiveP99Us
+	}
+	return 0
+}
+
+func (x *ShadowState) GetSinceUnixMs() int64 {
+	if x != nil {
+		return x.SinceUnixMs
+	}
+	return 0
+}
+
 // ReportedState is published retained, so the controller sees the latest one
 // after it restarts.
 type ReportedState struct {
@@ -643,7 +761,7 @@ type ReportedState struct {
 
 func (x *ReportedState) Reset() {
 	*x = ReportedState{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[4]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -655,7 +773,7 @@ func (x *ReportedState) String() string {
 func (*ReportedState) ProtoMessage() {}
 
 func (x *ReportedState) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[4]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -668,7 +786,7 @@ func (x *ReportedState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportedState.ProtoReflect.Descriptor instead.
 func (*ReportedState) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{4}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *ReportedState) GetSlots() []*SlotState {
@@ -730,7 +848,7 @@ type Presence struct {
 
 func (x *Presence) Reset() {
 	*x = Presence{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[5]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -742,7 +860,7 @@ func (x *Presence) String() string {
 func (*Presence) ProtoMessage() {}
 
 func (x *Presence) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[5]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -755,7 +873,7 @@ func (x *Presence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Presence.ProtoReflect.Descriptor instead.
 func (*Presence) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{5}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Presence) GetOnline() bool {
@@ -782,7 +900,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[6]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -794,7 +912,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[6]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -807,7 +925,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{6}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Event) GetKind() EventKind {
@@ -874,7 +992,7 @@ type InferenceRecord struct {
 
 func (x *InferenceRecord) Reset() {
 	*x = InferenceRecord{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[7]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -886,7 +1004,7 @@ func (x *InferenceRecord) String() string {
 func (*InferenceRecord) ProtoMessage() {}
 
 func (x *InferenceRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[7]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -899,7 +1017,7 @@ func (x *InferenceRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferenceRecord.ProtoReflect.Descriptor instead.
 func (*InferenceRecord) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{7}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *InferenceRecord) GetModel() string {
@@ -952,7 +1070,7 @@ type TelemetryRecord struct {
 
 func (x *TelemetryRecord) Reset() {
 	*x = TelemetryRecord{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[8]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -964,7 +1082,7 @@ func (x *TelemetryRecord) String() string {
 func (*TelemetryRecord) ProtoMessage() {}
 
 func (x *TelemetryRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[8]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -977,7 +1095,7 @@ func (x *TelemetryRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TelemetryRecord.ProtoReflect.Descriptor instead.
 func (*TelemetryRecord) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{8}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *TelemetryRecord) GetSeq() uint64 {
@@ -1042,7 +1160,7 @@ type TelemetryBatch struct {
 
 func (x *TelemetryBatch) Reset() {
 	*x = TelemetryBatch{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[9]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1054,7 +1172,7 @@ func (x *TelemetryBatch) String() string {
 func (*TelemetryBatch) ProtoMessage() {}
 
 func (x *TelemetryBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[9]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1067,7 +1185,7 @@ func (x *TelemetryBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TelemetryBatch.ProtoReflect.Descriptor instead.
 func (*TelemetryBatch) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{9}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *TelemetryBatch) GetSpoolEpoch() string {
@@ -1095,7 +1213,7 @@ type SeqRange struct {
 
 func (x *SeqRange) Reset() {
 	*x = SeqRange{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1107,7 +1225,7 @@ func (x *SeqRange) String() string {
 func (*SeqRange) ProtoMessage() {}
 
 func (x *SeqRange) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1120,7 +1238,7 @@ func (x *SeqRange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SeqRange.ProtoReflect.Descriptor instead.
 func (*SeqRange) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{10}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SeqRange) GetFirst() uint64 {
@@ -1148,7 +1266,7 @@ type TelemetryAck struct {
 
 func (x *TelemetryAck) Reset() {
 	*x = TelemetryAck{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1160,7 +1278,7 @@ func (x *TelemetryAck) String() string {
 func (*TelemetryAck) ProtoMessage() {}
 
 func (x *TelemetryAck) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1173,7 +1291,7 @@ func (x *TelemetryAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TelemetryAck.ProtoReflect.Descriptor instead.
 func (*TelemetryAck) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{11}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *TelemetryAck) GetSpoolEpoch() string {
@@ -1203,14 +1321,17 @@ type SlotAssignment struct {
 	Rollback bool `protobuf:"varint,6,opt,name=rollback,proto3" json:"rollback,omitempty"`
 	// How the agent watches the new version after activating it. Unset means
 	// the agent's defaults.
-	Health        *HealthPolicy `protobuf:"bytes,7,opt,name=health,proto3" json:"health,omitempty"`
+	Health *HealthPolicy `protobuf:"bytes,7,opt,name=health,proto3" json:"health,omitempty"`
+	// When set, the agent runs the new version in shadow (a copy of live
+	// inputs, answers never returned) before switching to it.
+	Shadow        *ShadowPolicy `protobuf:"bytes,8,opt,name=shadow,proto3" json:"shadow,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SlotAssignment) Reset() {
 	*x = SlotAssignment{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1222,7 +1343,7 @@ func (x *SlotAssignment) String() string {
 func (*SlotAssignment) ProtoMessage() {}
 
 func (x *SlotAssignment) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1235,7 +1356,7 @@ func (x *SlotAssignment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SlotAssignment.ProtoReflect.Descriptor instead.
 func (*SlotAssignment) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{12}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SlotAssignment) GetSlot() string {
@@ -1287,6 +1408,97 @@ func (x *SlotAssignment) GetHealth() *HealthPolicy {
 	return nil
 }
 
+func (x *SlotAssignment) GetShadow() *ShadowPolicy {
+	if x != nil {
+		return x.Shadow
+	}
+	return nil
+}
+
+// ShadowPolicy says how a candidate version is compared with the active one
+// before it takes over.
+type ShadowPolicy struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Comparisons needed before the agent judges agreement.
+	MinInferences uint32 `protobuf:"varint,1,opt,name=min_inferences,json=minInferences,proto3" json:"min_inferences,omitempty"`
+	// Longest the shadow phase may last, milliseconds.
+	MaxMs uint32 `protobuf:"varint,2,opt,name=max_ms,json=maxMs,proto3" json:"max_ms,omitempty"`
+	// Fraction of comparisons that must agree for the switch.
+	MinAgreement float64 `protobuf:"fixed64,3,opt,name=min_agreement,json=minAgreement,proto3" json:"min_agreement,omitempty"`
+	// Largest score difference that still counts as agreement.
+	Tolerance float64 `protobuf:"fixed64,4,opt,name=tolerance,proto3" json:"tolerance,omitempty"`
+	// Keep shadowing after the judgement instead of switching; the controller
+	// decides the switch with a later desired state.
+	Hold          bool `protobuf:"varint,5,opt,name=hold,proto3" json:"hold,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShadowPolicy) Reset() {
+	*x = ShadowPolicy{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShadowPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShadowPolicy) ProtoMessage() {}
+
+func (x *ShadowPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShadowPolicy.ProtoReflect.Descriptor instead.
+func (*ShadowPolicy) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ShadowPolicy) GetMinInferences() uint32 {
+	if x != nil {
+		return x.MinInferences
+	}
+	return 0
+}
+
+func (x *ShadowPolicy) GetMaxMs() uint32 {
+	if x != nil {
+		return x.MaxMs
+	}
+	return 0
+}
+
+func (x *ShadowPolicy) GetMinAgreement() float64 {
+	if x != nil {
+		return x.MinAgreement
+	}
+	return 0
+}
+
+func (x *ShadowPolicy) GetTolerance() float64 {
+	if x != nil {
+		return x.Tolerance
+	}
+	return 0
+}
+
+func (x *ShadowPolicy) GetHold() bool {
+	if x != nil {
+		return x.Hold
+	}
+	return false
+}
+
 // HealthPolicy bounds a newly activated version on the device. The agent
 // reports HEALTHY once the version stayed within the bounds for watch_ms;
 // if it breaks them it switches back to the previous version at once and
@@ -1307,7 +1519,7 @@ type HealthPolicy struct {
 
 func (x *HealthPolicy) Reset() {
 	*x = HealthPolicy{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1319,7 +1531,7 @@ func (x *HealthPolicy) String() string {
 func (*HealthPolicy) ProtoMessage() {}
 
 func (x *HealthPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1332,7 +1544,7 @@ func (x *HealthPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthPolicy.ProtoReflect.Descriptor instead.
 func (*HealthPolicy) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{13}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *HealthPolicy) GetWatchMs() uint32 {
@@ -1379,7 +1591,7 @@ type DesiredState struct {
 
 func (x *DesiredState) Reset() {
 	*x = DesiredState{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1391,7 +1603,7 @@ func (x *DesiredState) String() string {
 func (*DesiredState) ProtoMessage() {}
 
 func (x *DesiredState) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1404,7 +1616,7 @@ func (x *DesiredState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesiredState.ProtoReflect.Descriptor instead.
 func (*DesiredState) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{14}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DesiredState) GetDeviceId() string {
@@ -1455,7 +1667,7 @@ type SignedDesiredState struct {
 
 func (x *SignedDesiredState) Reset() {
 	*x = SignedDesiredState{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1467,7 +1679,7 @@ func (x *SignedDesiredState) String() string {
 func (*SignedDesiredState) ProtoMessage() {}
 
 func (x *SignedDesiredState) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1480,7 +1692,7 @@ func (x *SignedDesiredState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignedDesiredState.ProtoReflect.Descriptor instead.
 func (*SignedDesiredState) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{15}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SignedDesiredState) GetDesired() []byte {
@@ -1517,7 +1729,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1529,7 +1741,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1542,7 +1754,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{16}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Command) GetId() string {
@@ -1601,7 +1813,7 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\bModelRef\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12#\n" +
-	"\rbundle_sha256\x18\x03 \x01(\tR\fbundleSha256\"\xbe\x02\n" +
+	"\rbundle_sha256\x18\x03 \x01(\tR\fbundleSha256\"\xf1\x02\n" +
 	"\tSlotState\x12\x12\n" +
 	"\x04slot\x18\x01 \x01(\tR\x04slot\x12.\n" +
 	"\x06active\x18\x02 \x01(\v2\x16.edgefleet.v1.ModelRefR\x06active\x122\n" +
@@ -1612,7 +1824,18 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"last_error\x18\x06 \x01(\tR\tlastError\x12\x18\n" +
 	"\ahealthy\x18\a \x01(\bR\ahealthy\x12\x1d\n" +
 	"\n" +
-	"rollout_id\x18\b \x01(\tR\trolloutId\"\xab\x02\n" +
+	"rollout_id\x18\b \x01(\tR\trolloutId\x121\n" +
+	"\x06shadow\x18\t \x01(\v2\x19.edgefleet.v1.ShadowStateR\x06shadow\"\xcf\x02\n" +
+	"\vShadowState\x124\n" +
+	"\tcandidate\x18\x01 \x01(\v2\x16.edgefleet.v1.ModelRefR\tcandidate\x12\x1a\n" +
+	"\bcompared\x18\x02 \x01(\x04R\bcompared\x12\x16\n" +
+	"\x06agreed\x18\x03 \x01(\x04R\x06agreed\x12\x16\n" +
+	"\x06errors\x18\x04 \x01(\x04R\x06errors\x12$\n" +
+	"\x0emax_score_diff\x18\x05 \x01(\x01R\fmaxScoreDiff\x12&\n" +
+	"\x0fmean_score_diff\x18\x06 \x01(\x01R\rmeanScoreDiff\x12(\n" +
+	"\x10candidate_p99_us\x18\a \x01(\rR\x0ecandidateP99Us\x12\"\n" +
+	"\ractive_p99_us\x18\b \x01(\rR\vactiveP99Us\x12\"\n" +
+	"\rsince_unix_ms\x18\t \x01(\x03R\vsinceUnixMs\"\xab\x02\n" +
 	"\rReportedState\x12-\n" +
 	"\x05slots\x18\x01 \x03(\v2\x17.edgefleet.v1.SlotStateR\x05slots\x12,\n" +
 	"\x06health\x18\x02 \x01(\x0e2\x14.edgefleet.v1.HealthR\x06health\x12-\n" +
@@ -1659,7 +1882,7 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\fTelemetryAck\x12\x1f\n" +
 	"\vspool_epoch\x18\x01 \x01(\tR\n" +
 	"spoolEpoch\x12.\n" +
-	"\x06stored\x18\x02 \x03(\v2\x16.edgefleet.v1.SeqRangeR\x06stored\"\xe7\x01\n" +
+	"\x06stored\x18\x02 \x03(\v2\x16.edgefleet.v1.SeqRangeR\x06stored\"\x9b\x02\n" +
 	"\x0eSlotAssignment\x12\x12\n" +
 	"\x04slot\x18\x01 \x01(\tR\x04slot\x12,\n" +
 	"\x05model\x18\x02 \x01(\v2\x16.edgefleet.v1.ModelRefR\x05model\x12\x10\n" +
@@ -1668,7 +1891,14 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\n" +
 	"rollout_id\x18\x05 \x01(\tR\trolloutId\x12\x1a\n" +
 	"\brollback\x18\x06 \x01(\bR\brollback\x122\n" +
-	"\x06health\x18\a \x01(\v2\x1a.edgefleet.v1.HealthPolicyR\x06health\"\xa3\x01\n" +
+	"\x06health\x18\a \x01(\v2\x1a.edgefleet.v1.HealthPolicyR\x06health\x122\n" +
+	"\x06shadow\x18\b \x01(\v2\x1a.edgefleet.v1.ShadowPolicyR\x06shadow\"\xa3\x01\n" +
+	"\fShadowPolicy\x12%\n" +
+	"\x0emin_inferences\x18\x01 \x01(\rR\rminInferences\x12\x15\n" +
+	"\x06max_ms\x18\x02 \x01(\rR\x05maxMs\x12#\n" +
+	"\rmin_agreement\x18\x03 \x01(\x01R\fminAgreement\x12\x1c\n" +
+	"\ttolerance\x18\x04 \x01(\x01R\ttolerance\x12\x12\n" +
+	"\x04hold\x18\x05 \x01(\bR\x04hold\"\xa3\x01\n" +
 	"\fHealthPolicy\x12\x19\n" +
 	"\bwatch_ms\x18\x01 \x01(\rR\awatchMs\x12$\n" +
 	"\x0emax_error_rate\x18\x02 \x01(\x01R\fmaxErrorRate\x12+\n" +
@@ -1721,7 +1951,7 @@ func file_edgefleetv1_edgefleet_proto_rawDescGZIP() []byte {
 }
 
 var file_edgefleetv1_edgefleet_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_edgefleetv1_edgefleet_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_edgefleetv1_edgefleet_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_edgefleetv1_edgefleet_proto_goTypes = []any{
 	(Health)(0),                // 0: edgefleet.v1.Health
 	(EventKind)(0),             // 1: edgefleet.v1.EventKind
@@ -1729,53 +1959,58 @@ var file_edgefleetv1_edgefleet_proto_goTypes = []any{
 	(*Hello)(nil),              // 3: edgefleet.v1.Hello
 	(*ModelRef)(nil),           // 4: edgefleet.v1.ModelRef
 	(*SlotState)(nil),          // 5: edgefleet.v1.SlotState
-	(*ReportedState)(nil),      // 6: edgefleet.v1.ReportedState
-	(*Presence)(nil),           // 7: edgefleet.v1.Presence
-	(*Event)(nil),              // 8: edgefleet.v1.Event
-	(*InferenceRecord)(nil),    // 9: edgefleet.v1.InferenceRecord
-	(*TelemetryRecord)(nil),    // 10: edgefleet.v1.TelemetryRecord
-	(*TelemetryBatch)(nil),     // 11: edgefleet.v1.TelemetryBatch
-	(*SeqRange)(nil),           // 12: edgefleet.v1.SeqRange
-	(*TelemetryAck)(nil),       // 13: edgefleet.v1.TelemetryAck
-	(*SlotAssignment)(nil),     // 14: edgefleet.v1.SlotAssignment
-	(*HealthPolicy)(nil),       // 15: edgefleet.v1.HealthPolicy
-	(*DesiredState)(nil),       // 16: edgefleet.v1.DesiredState
-	(*SignedDesiredState)(nil), // 17: edgefleet.v1.SignedDesiredState
-	(*Command)(nil),            // 18: edgefleet.v1.Command
-	nil,                        // 19: edgefleet.v1.Hello.LabelsEntry
-	nil,                        // 20: edgefleet.v1.Command.ArgsEntry
+	(*ShadowState)(nil),        // 6: edgefleet.v1.ShadowState
+	(*ReportedState)(nil),      // 7: edgefleet.v1.ReportedState
+	(*Presence)(nil),           // 8: edgefleet.v1.Presence
+	(*Event)(nil),              // 9: edgefleet.v1.Event
+	(*InferenceRecord)(nil),    // 10: edgefleet.v1.InferenceRecord
+	(*TelemetryRecord)(nil),    // 11: edgefleet.v1.TelemetryRecord
+	(*TelemetryBatch)(nil),     // 12: edgefleet.v1.TelemetryBatch
+	(*SeqRange)(nil),           // 13: edgefleet.v1.SeqRange
+	(*TelemetryAck)(nil),       // 14: edgefleet.v1.TelemetryAck
+	(*SlotAssignment)(nil),     // 15: edgefleet.v1.SlotAssignment
+	(*ShadowPolicy)(nil),       // 16: edgefleet.v1.ShadowPolicy
+	(*HealthPolicy)(nil),       // 17: edgefleet.v1.HealthPolicy
+	(*DesiredState)(nil),       // 18: edgefleet.v1.DesiredState
+	(*SignedDesiredState)(nil), // 19: edgefleet.v1.SignedDesiredState
+	(*Command)(nil),            // 20: edgefleet.v1.Command
+	nil,                        // 21: edgefleet.v1.Hello.LabelsEntry
+	nil,                        // 22: edgefleet.v1.Command.ArgsEntry
 }
 var file_edgefleetv1_edgefleet_proto_depIdxs = []int32{
 	3,  // 0: edgefleet.v1.Envelope.hello:type_name -> edgefleet.v1.Hello
-	6,  // 1: edgefleet.v1.Envelope.state:type_name -> edgefleet.v1.ReportedState
-	7,  // 2: edgefleet.v1.Envelope.presence:type_name -> edgefleet.v1.Presence
-	8,  // 3: edgefleet.v1.Envelope.event:type_name -> edgefleet.v1.Event
-	11, // 4: edgefleet.v1.Envelope.telemetry:type_name -> edgefleet.v1.TelemetryBatch
-	17, // 5: edgefleet.v1.Envelope.desired:type_name -> edgefleet.v1.SignedDesiredState
-	13, // 6: edgefleet.v1.Envelope.ack:type_name -> edgefleet.v1.TelemetryAck
-	18, // 7: edgefleet.v1.Envelope.command:type_name -> edgefleet.v1.Command
-	19, // 8: edgefleet.v1.Hello.labels:type_name -> edgefleet.v1.Hello.LabelsEntry
-	6,  // 9: edgefleet.v1.Hello.state:type_name -> edgefleet.v1.ReportedState
+	7,  // 1: edgefleet.v1.Envelope.state:type_name -> edgefleet.v1.ReportedState
+	8,  // 2: edgefleet.v1.Envelope.presence:type_name -> edgefleet.v1.Presence
+	9,  // 3: edgefleet.v1.Envelope.event:type_name -> edgefleet.v1.Event
+	12, // 4: edgefleet.v1.Envelope.telemetry:type_name -> edgefleet.v1.TelemetryBatch
+	19, // 5: edgefleet.v1.Envelope.desired:type_name -> edgefleet.v1.SignedDesiredState
+	14, // 6: edgefleet.v1.Envelope.ack:type_name -> edgefleet.v1.TelemetryAck
+	20, // 7: edgefleet.v1.Envelope.command:type_name -> edgefleet.v1.Command
+	21, // 8: edgefleet.v1.Hello.labels:type_name -> edgefleet.v1.Hello.LabelsEntry
+	7,  // 9: edgefleet.v1.Hello.state:type_name -> edgefleet.v1.ReportedState
 	4,  // 10: edgefleet.v1.SlotState.active:type_name -> edgefleet.v1.ModelRef
 	4,  // 11: edgefleet.v1.SlotState.previous:type_name -> edgefleet.v1.ModelRef
 	4,  // 12: edgefleet.v1.SlotState.pending:type_name -> edgefleet.v1.ModelRef
-	5,  // 13: edgefleet.v1.ReportedState.slots:type_name -> edgefleet.v1.SlotState
-	0,  // 14: edgefleet.v1.ReportedState.health:type_name -> edgefleet.v1.Health
-	1,  // 15: edgefleet.v1.Event.kind:type_name -> edgefleet.v1.EventKind
-	4,  // 16: edgefleet.v1.Event.model:type_name -> edgefleet.v1.ModelRef
-	9,  // 17: edgefleet.v1.TelemetryRecord.inference:type_name -> edgefleet.v1.InferenceRecord
-	8,  // 18: edgefleet.v1.TelemetryRecord.event:type_name -> edgefleet.v1.Event
-	10, // 19: edgefleet.v1.TelemetryBatch.records:type_name -> edgefleet.v1.TelemetryRecord
-	12, // 20: edgefleet.v1.TelemetryAck.stored:type_name -> edgefleet.v1.SeqRange
-	4,  // 21: edgefleet.v1.SlotAssignment.model:type_name -> edgefleet.v1.ModelRef
-	15, // 22: edgefleet.v1.SlotAssignment.health:type_name -> edgefleet.v1.HealthPolicy
-	14, // 23: edgefleet.v1.DesiredState.slots:type_name -> edgefleet.v1.SlotAssignment
-	20, // 24: edgefleet.v1.Command.args:type_name -> edgefleet.v1.Command.ArgsEntry
-	25, // [25:25] is the sub-list for method output_type
-	25, // [25:25] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	6,  // 13: edgefleet.v1.SlotState.shadow:type_name -> edgefleet.v1.ShadowState
+	4,  // 14: edgefleet.v1.ShadowState.candidate:type_name -> edgefleet.v1.ModelRef
+	5,  // 15: edgefleet.v1.ReportedState.slots:type_name -> edgefleet.v1.SlotState
+	0,  // 16: edgefleet.v1.ReportedState.health:type_name -> edgefleet.v1.Health
+	1,  // 17: edgefleet.v1.Event.kind:type_name -> edgefleet.v1.EventKind
+	4,  // 18: edgefleet.v1.Event.model:type_name -> edgefleet.v1.ModelRef
+	10, // 19: edgefleet.v1.TelemetryRecord.inference:type_name -> edgefleet.v1.InferenceRecord
+	9,  // 20: edgefleet.v1.TelemetryRecord.event:type_name -> edgefleet.v1.Event
+	11, // 21: edgefleet.v1.TelemetryBatch.records:type_name -> edgefleet.v1.TelemetryRecord
+	13, // 22: edgefleet.v1.TelemetryAck.stored:type_name -> edgefleet.v1.SeqRange
+	4,  // 23: edgefleet.v1.SlotAssignment.model:type_name -> edgefleet.v1.ModelRef
+	17, // 24: edgefleet.v1.SlotAssignment.health:type_name -> edgefleet.v1.HealthPolicy
+	16, // 25: edgefleet.v1.SlotAssignment.shadow:type_name -> edgefleet.v1.ShadowPolicy
+	15, // 26: edgefleet.v1.DesiredState.slots:type_name -> edgefleet.v1.SlotAssignment
+	22, // 27: edgefleet.v1.Command.args:type_name -> edgefleet.v1.Command.ArgsEntry
+	28, // [28:28] is the sub-list for method output_type
+	28, // [28:28] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_edgefleetv1_edgefleet_proto_init() }
@@ -1793,7 +2028,7 @@ func file_edgefleetv1_edgefleet_proto_init() {
 		(*Envelope_Ack)(nil),
 		(*Envelope_Command)(nil),
 	}
-	file_edgefleetv1_edgefleet_proto_msgTypes[8].OneofWrappers = []any{
+	file_edgefleetv1_edgefleet_proto_msgTypes[9].OneofWrappers = []any{
 		(*TelemetryRecord_Inference)(nil),
 		(*TelemetryRecord_Event)(nil),
 	}
@@ -1803,7 +2038,7 @@ func file_edgefleetv1_edgefleet_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_edgefleetv1_edgefleet_proto_rawDesc), len(file_edgefleetv1_edgefleet_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   19,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

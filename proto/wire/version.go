@@ -15,6 +15,8 @@ package wire
 //	  bodies; topics under ef/v1/dev/{id}/.
 //	  2026-11-26, additive: SlotAssignment.health (HealthPolicy),
 //	  SlotState.healthy and SlotState.rollout_id.
+//	  2026-11-27, additive: SlotAssignment.shadow (ShadowPolicy),
+//	  SlotState.shadow (ShadowState).
 const ProtocolVersion = 1
 
 // MinProtocolVersion is the oldest protocol version this code accepts.
