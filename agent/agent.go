@@ -80,7 +80,8 @@ type Options struct {
 	// Listener serves the local endpoint instead of one on cfg.Listen.
 	Listener net.Listener
 	// Guard checks bundles (signatures) and versions (the version floor)
-	// before they load; nil checks nothing (deploy.AllowAll).
+	// before they load; nil builds one from the config's keys
+	// (deploy.TrustGuard, or deploy.AllowAll when none is configured).
 	Guard deploy.Guard
 	// NoListener runs the agent without a local HTTP endpoint (cfg.Listen
 	// is ignored); callers use (*Agent).Infer or (*Agent).Handler
@@ -175,11 +176,18 @@ func New(cfg Config, o Options) (*Agent, error) {
 		a.own = &ownHost{}
 		loader = a.own
 	}
+	guard := o.Guard
+	if guard == nil {
+		var err error
+		if guard, err = guardFor(cfg, a.log); err != nil {
+			return nil, err
+		}
+	}
 	var err error
 	a.mgr, err = deploy.New(deploy.Options{
 		DeviceID: cfg.ID, DataDir: cfg.Data, Loader: loader, Controller: cfg.Controller, Logger: o.Logger,
 		Reporter: a, RetryMin: o.RetryMin, RetryMax: o.RetryMax,
-		Health: cfg.Health.policy(), Shadow: cfg.Shadow.hook(), Guard: o.Guard, SaveInterval: o.WatchSaveInterval,
+		Health: cfg.Health.policy(), Shadow: cfg.Shadow.hook(), Guard: guard, SaveInterval: o.WatchSaveInterval,
 	})
 	if err != nil {
 		return nil, err

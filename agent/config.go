@@ -54,6 +54,18 @@ type Config struct {
 	Health HealthConfig `yaml:"health"`
 	// Shadow gives every new version a shadow phase before its switch.
 	Shadow ShadowConfig `yaml:"shadow"`
+	// ReleaseKeys are public key files (PEM, from `fleet keys init`); a
+	// bundle's manifest.sig must carry a signature by one of them. More
+	// than one is how a release key is rotated.
+	ReleaseKeys []string `yaml:"release_keys"`
+	// DirectorKeys are the controller's director public key files
+	// (DATA/keys/director.pub on the controller); every desired state must
+	// be signed by one of them.
+	DirectorKeys []string `yaml:"director_keys"`
+	// AllowUnsigned accepts unsigned bundles and desired states with a
+	// warning (development, or a fleet moving to signing). With no keys
+	// configured at all the agent checks nothing and says so loudly.
+	AllowUnsigned bool `yaml:"allow_unsigned"`
 }
 
 // Defaults.
@@ -135,6 +147,16 @@ func (c Config) Validate() error {
 	if err := c.Shadow.validate(); err != nil {
 		errs = append(errs, err)
 	}
+	for _, k := range []struct {
+		name string
+		list []string
+	}{{"release_keys", c.ReleaseKeys}, {"director_keys", c.DirectorKeys}} {
+		for _, f := range k.list {
+			if strings.TrimSpace(f) == "" {
+				errs = append(errs, fmt.Errorf("%s: an empty file name; list public key files such as release.pub", k.name))
+			}
+		}
+	}
 	if c.SpoolMaxRecords < 100 {
 		errs = append(errs, fmt.Errorf("spool_max_records: %d is too small; use at least 100 (default %d)", c.SpoolMaxRecords, spool.DefaultMaxRecords))
 	}
@@ -191,7 +213,17 @@ func ParseConfigFile(data []byte, base Config) (Config, error) {
 }
 
 func configKeys() []string {
-	return []string{"id", "data", "labels", "broker", "controller", "listen", "log_level", "spool_max_records", "tls_cert", "tls_key", "tls_ca", "health", "shadow"}
+	return []string{"id", "data", "labels", "broker", "controller", "listen", "log_level", "spool_max_records", "tls_cert", "tls_key", "tls_ca", "health", "shadow", "release_keys", "director_keys", "allow_unsigned"}
+}
+
+// listFlag collects a repeated flag's values.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+
+func (l *listFlag) Set(s string) error {
+	*l = append(*l, s)
+	return nil
 }
 
 // labelFlag collects repeated --label k=v.
@@ -240,8 +272,13 @@ func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Con
 		tlsCA      = fs.String("tls-ca", "", "CA `file` of the broker's certificate, the fleet's ca.crt (env EDGEFLEET_TLS_CA)")
 		shadow     = fs.Bool("shadow", false, "give every new version a shadow phase before its switch (env EDGEFLEET_SHADOW=1; tune it under shadow: in the config file)")
 		labels     = labelFlag{}
+		unsigned   = fs.Bool("allow-unsigned", false, "DEVELOPMENT ONLY: accept unsigned bundles and desired states, with a warning (env EDGEFLEET_ALLOW_UNSIGNED=1)")
+		releaseKs  listFlag
+		directorKs listFlag
 	)
 	fs.Var(labels, "label", "device label `key=value`, repeatable (env EDGEFLEET_LABELS=k=v,k2=v2)")
+	fs.Var(&releaseKs, "release-key", "release public key `file` bundles must be signed with, repeatable (env EDGEFLEET_RELEASE_KEYS=a.pub,b.pub)")
+	fs.Var(&directorKs, "director-key", "controller's director public key `file` (its DATA/keys/director.pub), repeatable (env EDGEFLEET_DIRECTOR_KEYS)")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
@@ -308,6 +345,32 @@ func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Con
 	}
 	if set["shadow"] {
 		cfg.Shadow.Enabled = *shadow
+	}
+	if v := getenv("EDGEFLEET_ALLOW_UNSIGNED"); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return Config{}, fmt.Errorf("EDGEFLEET_ALLOW_UNSIGNED=%q: use 1 or 0", v)
+		}
+		cfg.AllowUnsigned = b
+	}
+	if set["allow-unsigned"] {
+		cfg.AllowUnsigned = *unsigned
+	}
+	// Key lists are replaced, not merged: a flag names the whole set.
+	for _, k := range []struct {
+		flag, env string
+		dst       *[]string
+		val       listFlag
+	}{
+		{"release-key", "EDGEFLEET_RELEASE_KEYS", &cfg.ReleaseKeys, releaseKs},
+		{"director-key", "EDGEFLEET_DIRECTOR_KEYS", &cfg.DirectorKeys, directorKs},
+	} {
+		if v := getenv(k.env); v != "" {
+			*k.dst = strings.Split(v, ",")
+		}
+		if set[k.flag] {
+			*k.dst = k.val
+		}
 	}
 	merged := map[string]string{}
 	for k, v := range cfg.Labels {

@@ -6,8 +6,8 @@
 // active one:
 //
 //  1. verify: download (resumable) and check the digest; the manifest must
-//     name the assigned model and version; Guard checks signature and
-//     version floor (a seam: AllowAll until the security issue lands).
+//     name the assigned model and version; Guard checks the release
+//     signature and the version floor (TrustGuard; AllowAll without keys).
 //  2. compile, instantiate, golden self-test: Loader.Load (the wazero
 //     host). A version already loaded in the slot (the previous one, kept
 //     for rollback) skips all of it and switches at once.
@@ -40,9 +40,12 @@
 //	watching --broken, no previous-> unhealthy, still serving (FAILED)
 //	any      --rollback order-->     healthy    (ACTIVATED; a known version, no watch)
 //
-// A desired state is checked before it is acted on (for this device,
-// generation above the last accepted one, not expired) and written to
-// DATA/desired.pb; a refused one is reported REFUSED. Download failures
+// A desired state is checked before it is acted on (director signature
+// by Guard.CheckDesired before anything is decoded, for this device,
+// generation above the last accepted one, not expired and not issued in
+// the future, both with Options.ClockSkew of tolerance) and written to
+// DATA/desired.pb, its generation also to DATA/generation; a refused one
+// is reported REFUSED. Download failures
 // are retried with backoff; a bundle that downloaded correctly but does
 // not decode, load or pass its checks is content-addressed, so retrying
 // it cannot help: it is not retried until the agent restarts.
@@ -62,6 +65,7 @@ import (
 	"net/http"
 	"net/url"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -112,10 +116,20 @@ type Options struct {
 	Shadow func(a *pb.SlotAssignment) *ShadowPolicy
 	// Guard checks bundles and versions before they load; nil: AllowAll.
 	Guard Guard
+	// ClockSkew is how far this device's clock may be behind or ahead of
+	// the controller's (default DefaultClockSkew): a desired state issued
+	// more than that in the future is refused (a device clock far behind
+	// must be fixed, NTP), and one is expired only when it expired more
+	// than that ago.
+	ClockSkew time.Duration
 	// SaveInterval is how often the counts of a running health watch are
 	// saved to state.json (default 5s): what a crash can lose of them.
 	SaveInterval time.Duration
 }
+
+// DefaultClockSkew is the clock difference between device and controller
+// that desired-state times tolerate.
+const DefaultClockSkew = 5 * time.Minute
 
 // maxOffers bounds desired states waiting to be checked. Only the newest
 // matters, so dropping old ones loses nothing but their REFUSED events.
@@ -182,6 +196,10 @@ type failure struct {
 	attempts  int
 	next      time.Time
 	permanent bool
+	// assignment marks a refusal of the assignment (the version floor),
+	// not of the bytes: a new generation may order the same bundle
+	// differently (a rollback), so it is retried then.
+	assignment bool
 }
 
 // New checks the options and returns a Manager with no models.
@@ -219,6 +237,9 @@ func New(o Options) (*Manager, error) {
 	}
 	if o.SaveInterval <= 0 {
 		o.SaveInterval = 5 * time.Second
+	}
+	if o.ClockSkew <= 0 {
+		o.ClockSkew = DefaultClockSkew
 	}
 	o.Health = PolicyFrom(nil, fillPolicy(o.Health))
 	if o.HTTPClient == nil {
@@ -275,7 +296,7 @@ func (m *Manager) Offer(sd *pb.SignedDesiredState) {
 		m.offers = m.offers[1:]
 	}
 	m.offers = append(m.offers, sd)
-	if ds, err := DecodeDesired(sd); err == nil && ds.GetDeviceId() == m.o.DeviceID &&
+	if ds, err := DecodeDesired(sd); err == nil && m.o.Guard.CheckDesired(sd) == nil && ds.GetDeviceId() == m.o.DeviceID &&
 		ds.GetGeneration() > m.accepted.Load() && m.passCancel != nil {
 		m.passCancel()
 	}
@@ -362,6 +383,12 @@ func (m *Manager) takeOffers(ctx context.Context) {
 // accept checks one offered desired state and, when it passes, persists it
 // and makes it the one to converge to.
 func (m *Manager) accept(ctx context.Context, sd *pb.SignedDesiredState) {
+	// The signature first: nothing of an unverified document is parsed
+	// beyond its envelope.
+	if err := m.o.Guard.CheckDesired(sd); err != nil {
+		m.refuse(ctx, 0, err.Error())
+		return
+	}
 	ds, err := DecodeDesired(sd)
 	if err != nil {
 		m.refuse(ctx, 0, fmt.Sprintf("malformed desired state: %v", err))
@@ -391,8 +418,15 @@ func (m *Manager) accept(ctx context.Context, sd *pb.SignedDesiredState) {
 		m.refuse(ctx, gen, fmt.Sprintf("desired state generation %d is not above the last accepted generation %d; refusing it as a replay", gen, last))
 		return
 	}
-	if exp := ds.GetExpiresAtUnixMs(); exp != 0 && m.o.Now().UnixMilli() > exp {
-		m.refuse(ctx, gen, fmt.Sprintf("desired state generation %d expired at %s; the controller must issue a fresh one", gen, time.UnixMilli(exp).UTC().Format(time.RFC3339)))
+	now := m.o.Now()
+	if exp := ds.GetExpiresAtUnixMs(); exp != 0 && now.Add(-m.o.ClockSkew).UnixMilli() > exp {
+		m.refuse(ctx, gen, fmt.Sprintf("desired state generation %d expired at %s (device clock %s, %s of skew allowed); the controller must issue a fresh one",
+			gen, time.UnixMilli(exp).UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), m.o.ClockSkew))
+		return
+	}
+	if iss := ds.GetIssuedAtUnixMs(); iss != 0 && iss > now.Add(m.o.ClockSkew).UnixMilli() {
+		m.refuse(ctx, gen, fmt.Sprintf("desired state generation %d was issued at %s, more than %s after this device's clock (%s); fix the device clock (NTP)",
+			gen, time.UnixMilli(iss).UTC().Format(time.RFC3339), m.o.ClockSkew, now.UTC().Format(time.RFC3339)))
 		return
 	}
 	if err := atomicWrite(filepath.Join(m.o.DataDir, DesiredFile), raw); err != nil {
@@ -403,6 +437,12 @@ func (m *Manager) accept(ctx context.Context, sd *pb.SignedDesiredState) {
 			Detail: fmt.Sprintf("cannot persist desired state: %v; free disk space on the device", err), AtUnixMs: m.o.Now().UnixMilli()})
 		return
 	}
+	// desired.pb holds the generation too; the separate file keeps it when
+	// desired.pb is lost or unreadable, so a failure here is only logged.
+	if err := atomicWrite(filepath.Join(m.o.DataDir, GenerationFile), []byte(strconv.FormatUint(gen, 10)+"\n")); err != nil {
+		m.log.Error("cannot persist the accepted generation", "generation", gen, "err", err)
+		m.noteError(fmt.Sprintf("cannot persist generation %d: %v", gen, err))
+	}
 	m.mu.Lock()
 	m.desired, m.desiredRaw = ds, raw
 	m.accepted.Store(gen)
@@ -410,7 +450,7 @@ func (m *Manager) accept(ctx context.Context, sd *pb.SignedDesiredState) {
 	// A new generation retries what failed for a transient reason now;
 	// bundles that failed to load stay refused (same digest, same bytes).
 	for s, f := range m.failures {
-		if !f.permanent {
+		if !f.permanent || f.assignment {
 			delete(m.failures, s)
 		}
 	}
@@ -502,6 +542,12 @@ type permanentError struct{ error }
 
 func (e permanentError) Unwrap() error { return e.error }
 
+// assignmentError marks a refusal of the assignment rather than of the
+// bundle: permanent for this generation only.
+type assignmentError struct{ error }
+
+func (e assignmentError) Unwrap() error { return e.error }
+
 func (m *Manager) fail(ctx context.Context, gen uint64, a *pb.SlotAssignment, err error) *failure {
 	digest := a.GetModel().GetBundleSha256()
 	f := m.failures[a.GetSlot()]
@@ -512,6 +558,8 @@ func (m *Manager) fail(ctx context.Context, gen uint64, a *pb.SlotAssignment, er
 	f.attempts++
 	var perm permanentError
 	f.permanent = errors.As(err, &perm)
+	var asg assignmentError
+	f.assignment = errors.As(err, &asg)
 	d := m.o.RetryMin
 	for i := 1; i < f.attempts && d < m.o.RetryMax; i++ {
 		d *= 2
@@ -548,7 +596,7 @@ func (m *Manager) install(ctx context.Context, gen uint64, a *pb.SlotAssignment)
 	m.setPending(a.GetSlot(), ref, m.lastError(a.GetSlot()))
 	running := m.activeRef(a.GetSlot())
 	if err := m.o.Guard.CheckVersion(a.GetSlot(), running, next, a.GetRollback()); err != nil {
-		return permanentError{err}
+		return permanentError{assignmentError{err}}
 	}
 
 	// The previous version, kept loaded for a rollback, switches back at

@@ -414,7 +414,7 @@ func TestManagerConverges(t *testing.T) {
 	if d := ev.waitFor(t, pb.EventKind_EVENT_KIND_REFUSED, 7).GetDetail(); !strings.Contains(d, `for device "dev-9"`) {
 		t.Fatalf("REFUSED detail %q", d)
 	}
-	expired := &pb.DesiredState{DeviceId: "dev-1", Generation: 9, ExpiresAtUnixMs: time.Now().Add(-time.Minute).UnixMilli(), Slots: []*pb.SlotAssignment{v1}}
+	expired := &pb.DesiredState{DeviceId: "dev-1", Generation: 9, ExpiresAtUnixMs: time.Now().Add(-time.Hour).UnixMilli(), Slots: []*pb.SlotAssignment{v1}}
 	raw, _ := proto.Marshal(expired)
 	m.Offer(&pb.SignedDesiredState{Desired: raw})
 	if d := ev.waitFor(t, pb.EventKind_EVENT_KIND_REFUSED, 9).GetDetail(); !strings.Contains(d, "expired") {

@@ -10,6 +10,8 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/edgefleet/edgefleet/models/bundle"
@@ -149,6 +151,14 @@ func (m *Manager) restoreSlot(ctx context.Context, name string, rec *SlotRecord)
 }
 
 func (m *Manager) restoreDesired() {
+	// The generation file first: it is what keeps a replay refused when
+	// desired.pb is gone or unreadable.
+	if g, err := readGeneration(filepath.Join(m.o.DataDir, GenerationFile)); err != nil {
+		m.log.Error("cannot read the stored generation", "err", err)
+		m.noteError(err.Error())
+	} else {
+		m.accepted.Store(g)
+	}
 	path := filepath.Join(m.o.DataDir, DesiredFile)
 	f, err := os.Open(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -177,7 +187,7 @@ func (m *Manager) restoreDesired() {
 	}
 	m.mu.Lock()
 	m.desired, m.desiredRaw = ds, raw
-	m.accepted.Store(ds.GetGeneration())
+	m.accepted.Store(max(m.accepted.Load(), ds.GetGeneration()))
 	m.mu.Unlock()
 	m.log.Info("restored desired state", "generation", ds.GetGeneration())
 }
@@ -219,4 +229,29 @@ func (m *Manager) readStored(digest string) (*bundle.Bundle, error) {
 		return nil, permanentError{fmt.Errorf("bundle %s: %w", digest, err)}
 	}
 	return b, nil
+}
+
+// readGeneration reads the generation file; a missing file is generation 0.
+func readGeneration(path string) (uint64, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("generation file %s: %w", path, err)
+	}
+	g, err := parseGeneration(b)
+	if err != nil {
+		return 0, fmt.Errorf("generation file %s: %w; restore or delete it", path, err)
+	}
+	return g, nil
+}
+
+// parseGeneration parses the generation file's content: one decimal
+// number and optional surrounding white space.
+func parseGeneration(b []byte) (uint64, error) {
+	if len(b) > 32 {
+		return 0, fmt.Errorf("%d bytes; it holds one number", len(b))
+	}
+	return strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
 }

@@ -16,6 +16,10 @@ import (
 const (
 	// DesiredFile holds the last accepted SignedDesiredState, as received.
 	DesiredFile = "desired.pb"
+	// GenerationFile holds the last accepted generation, in decimal. It is
+	// written before desired.pb, so a lost or unreadable desired.pb never
+	// lowers the generation a replayed desired state must beat.
+	GenerationFile = "generation"
 	// StateFile holds what runs in each slot (the agent's own record).
 	StateFile = "state.json"
 	// BundlesDir holds <digest>.bundle and <digest>.part files.

@@ -19,7 +19,7 @@ type Memory struct {
 	closed  bool
 	recs    []*pb.TelemetryRecord // ascending seq
 	last    uint64
-	dropped uint64
+	dropped dropCounts
 }
 
 // NewMemory returns an empty in-memory spool with a new epoch. maxRecords
@@ -28,7 +28,7 @@ func NewMemory(maxRecords uint64) *Memory {
 	if maxRecords == 0 {
 		maxRecords = DefaultMaxRecords
 	}
-	return &Memory{max: maxRecords, epoch: newEpoch()}
+	return &Memory{max: maxRecords, epoch: newEpoch(), dropped: dropCounts{}}
 }
 
 // Epoch returns the spool's random id.
@@ -51,19 +51,43 @@ func (m *Memory) Append(_ context.Context, recs []*pb.TelemetryRecord) error {
 	}
 	if excess := uint64(len(m.recs)); excess > m.max {
 		excess -= m.max
-		m.dropped += excess
-		// Drop the oldest inference records first, then the oldest of any kind.
-		keep := m.recs[:0]
-		for _, r := range m.recs {
-			if excess > 0 && kindOf(r) == kindInference {
-				excess--
-				continue
+		// One pass per class in drop order, the oldest of a class first.
+		for _, k := range dropOrder {
+			if excess == 0 {
+				break
 			}
-			keep = append(keep, r)
+			keep := m.recs[:0]
+			for _, r := range m.recs {
+				if excess > 0 && kindOf(r) == k {
+					excess--
+					m.dropped[k]++
+					continue
+				}
+				keep = append(keep, r)
+			}
+			clear(m.recs[len(keep):])
+			m.recs = keep
 		}
-		m.recs = keep[excess:]
 	}
 	return nil
+}
+
+// ReadPriority returns up to limit health and rollout events with
+// from <= seq <= to, in seq order.
+func (m *Memory) ReadPriority(_ context.Context, from, to uint64, limit int) ([]*pb.TelemetryRecord, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, ErrClosed
+	}
+	i := sort.Search(len(m.recs), func(i int) bool { return m.recs[i].GetSeq() >= from })
+	var out []*pb.TelemetryRecord
+	for ; i < len(m.recs) && len(out) < limit && m.recs[i].GetSeq() <= to; i++ {
+		if kindOf(m.recs[i]) == kindEvent {
+			out = append(out, proto.Clone(m.recs[i]).(*pb.TelemetryRecord))
+		}
+	}
+	return out, nil
 }
 
 // Read returns up to limit records with from <= seq <= to, in seq order.
@@ -107,7 +131,9 @@ func (m *Memory) Stats(context.Context) (Stats, error) {
 	if m.closed {
 		return Stats{}, ErrClosed
 	}
-	return Stats{Depth: uint64(len(m.recs)), Dropped: m.dropped, LastSeq: m.last}, nil
+	st := Stats{Depth: uint64(len(m.recs)), LastSeq: m.last}
+	m.dropped.stats(&st)
+	return st, nil
 }
 
 // Close drops the records. Later calls return ErrClosed.

@@ -9,9 +9,20 @@
 // controller can tell its new seq 1 from the old one.
 //
 // The spool is bounded by a record count. When an append would go over it,
-// the oldest inference records are dropped first (they are the most
-// numerous and each one matters least), then the oldest records of any kind;
-// every dropped record is counted, and the count survives restarts.
+// records are dropped by class, the oldest of a class first:
+//
+//  1. raw samples (records whose body this spool does not classify: sampled
+//     inputs and anything a newer agent adds; the most bulky, each one
+//     matters least),
+//  2. per-inference records (numerous; their sum survives in the device's
+//     counters and, later, in aggregates),
+//  3. health and rollout events (few, and the rollout engine waits on
+//     them), only when nothing else is left.
+//
+// Every dropped record is counted, in total and per class, and the counts
+// survive restarts; the total reaches the controller as
+// ReportedState.spool_dropped. ReadPriority lets the sender put events
+// first after a reconnect.
 //
 // Two implementations share one behaviour, checked by one conformance test:
 // SQLite (the agent's durable spool, DATA/spool.db) and Memory (for the fleet
@@ -38,20 +49,28 @@ var ErrClosed = errors.New("spool is closed")
 type Stats struct {
 	// Depth is the number of records waiting in the spool.
 	Depth uint64
-	// Dropped counts records deleted by the bound, over the spool's life.
+	// Dropped counts records deleted by the bound, over the spool's life:
+	// the sum of the three per-class counts below.
 	Dropped uint64
+	// DroppedRaw, DroppedInference and DroppedEvent split Dropped by class.
+	DroppedRaw, DroppedInference, DroppedEvent uint64
 	// LastSeq is the highest sequence number ever given out.
 	LastSeq uint64
 }
 
-// kind orders records for the drop policy: lower kinds go first.
+// kind is a record's class for the drop policy. The values are stored in
+// spool.db (records.kind), so they never change; dropOrder, not the value,
+// says which class goes first.
 type kind int
 
 const (
 	kindInference kind = 1
 	kindEvent     kind = 2
-	kindOther     kind = 3
+	kindRaw       kind = 3
 )
+
+// dropOrder is the order in which the bound drops classes.
+var dropOrder = [...]kind{kindRaw, kindInference, kindEvent}
 
 func kindOf(r *pb.TelemetryRecord) kind {
 	switch r.GetBody().(type) {
@@ -60,7 +79,26 @@ func kindOf(r *pb.TelemetryRecord) kind {
 	case *pb.TelemetryRecord_Event:
 		return kindEvent
 	}
-	return kindOther
+	return kindRaw
+}
+
+// dropCounts holds the per-class drop counters.
+type dropCounts map[kind]uint64
+
+func (d dropCounts) stats(st *Stats) {
+	st.DroppedRaw, st.DroppedInference, st.DroppedEvent = d[kindRaw], d[kindInference], d[kindEvent]
+	st.Dropped = st.DroppedRaw + st.DroppedInference + st.DroppedEvent
+}
+
+// metaKey names a class's drop counter in spool.db's meta table.
+func (k kind) metaKey() string {
+	switch k {
+	case kindInference:
+		return "dropped_inference"
+	case kindEvent:
+		return "dropped_event"
+	}
+	return "dropped_raw"
 }
 
 func newEpoch() string {
@@ -71,7 +109,10 @@ func newEpoch() string {
 
 func checkRecords(recs []*pb.TelemetryRecord) error {
 	for i, r := range recs {
-		if r == nil || r.GetBody() == nil {
+		// A record without a known body is kept when it carries fields this
+		// build does not know (a raw sample from a newer schema): it is
+		// spooled as raw, the first class to go.
+		if r == nil || (r.GetBody() == nil && len(r.ProtoReflect().GetUnknown()) == 0) {
 			return fmt.Errorf("spool append: record %d has no body; set Inference or Event", i)
 		}
 	}

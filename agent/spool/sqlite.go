@@ -43,7 +43,7 @@ type SQLite struct {
 	mu      sync.Mutex // guards db use, depth and dropped
 	db      *sql.DB
 	depth   uint64
-	dropped uint64
+	dropped dropCounts
 }
 
 // OpenSQLite opens the spool file at path, creating it (with a new epoch)
@@ -63,7 +63,7 @@ func OpenSQLite(ctx context.Context, path string, maxRecords uint64) (*SQLite, e
 		return nil, fmt.Errorf("open spool %s: %w", path, err)
 	}
 	db.SetMaxOpenConns(1)
-	s := &SQLite{path: path, max: maxRecords, db: db}
+	s := &SQLite{path: path, max: maxRecords, db: db, dropped: dropCounts{}}
 	if err := s.init(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open spool %s: %w (if the file is damaged, move it aside; the agent starts a new spool)", path, err)
@@ -82,7 +82,13 @@ func (s *SQLite) init(ctx context.Context) error {
 		// AUTOINCREMENT, so a seq is never given out twice even after the
 		// newest records were deleted.
 		`CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER NOT NULL, body BLOB NOT NULL)`,
-		`CREATE INDEX IF NOT EXISTS records_kind_seq ON records (kind, seq)`,
+		// Only the rare classes (events, raw samples) are indexed by kind,
+		// for ReadPriority and the drop policy: an index over every
+		// inference record would cost each insert a second B-tree write.
+		// Inference records are found by walking seq order, where they are
+		// nearly all there is. (Spools from before had a full index.)
+		`DROP INDEX IF EXISTS records_kind_seq`,
+		`CREATE INDEX IF NOT EXISTS records_rare ON records (kind, seq) WHERE kind <> 1`,
 	}
 	for _, st := range stmts {
 		if _, err := tx.ExecContext(ctx, st); err != nil {
@@ -116,8 +122,17 @@ func (s *SQLite) init(ctx context.Context) error {
 	if s.epoch == "" {
 		s.epoch = newEpoch()
 	}
-	if v := meta["dropped"]; v != "" {
-		if s.dropped, err = strconv.ParseUint(v, 10, 64); err != nil {
+	for _, k := range dropOrder {
+		if v := meta[k.metaKey()]; v != "" {
+			if s.dropped[k], err = strconv.ParseUint(v, 10, 64); err != nil {
+				return fmt.Errorf("spool meta %s=%q is not a count", k.metaKey(), v)
+			}
+		}
+	}
+	// A spool written before the per-class counters has only the total;
+	// it was all inference records then.
+	if v := meta["dropped"]; v != "" && meta[kindInference.metaKey()] == "" {
+		if s.dropped[kindInference], err = strconv.ParseUint(v, 10, 64); err != nil {
 			return fmt.Errorf("spool meta dropped=%q is not a count", v)
 		}
 	}
@@ -150,8 +165,10 @@ func (s *SQLite) Append(ctx context.Context, recs []*pb.TelemetryRecord) error {
 	}
 	bodies := make([][]byte, len(recs))
 	for i, r := range recs {
-		// Seq lives in its own column; keep it out of the blob.
-		b, err := proto.MarshalOptions{Deterministic: true}.Marshal(&pb.TelemetryRecord{Body: r.GetBody()})
+		// Seq lives in its own column; keep it out of the blob (Append sets
+		// it anyway).
+		r.Seq = 0
+		b, err := proto.MarshalOptions{Deterministic: true}.Marshal(r)
 		if err != nil {
 			return fmt.Errorf("spool append: record %d: %w", i, err)
 		}
@@ -167,10 +184,27 @@ func (s *SQLite) Append(ctx context.Context, recs []*pb.TelemetryRecord) error {
 		return fmt.Errorf("spool append: %w", err)
 	}
 	defer tx.Rollback()
+	// One prepared statement per batch: preparing per row costs more than
+	// the insert itself. The rows are inserted without the caller's
+	// cancellation: with a cancellable context the driver starts a watcher
+	// goroutine per statement, which also costs more than the insert. A
+	// batch is short, and ctx is still honoured by BeginTx above and by the
+	// deletes below.
+	rowCtx := context.WithoutCancel(ctx)
+	ins, err := tx.PrepareContext(rowCtx, `INSERT INTO records (kind, body) VALUES (?, ?)`)
+	if err != nil {
+		return fmt.Errorf("spool append: %w", err)
+	}
+	defer ins.Close()
 	seqs := make([]uint64, len(recs))
 	for i, r := range recs {
-		var seq int64
-		err := tx.QueryRowContext(ctx, `INSERT INTO records (kind, body) VALUES (?, ?) RETURNING seq`, int(kindOf(r)), bodies[i]).Scan(&seq)
+		res, err := ins.ExecContext(rowCtx, int(kindOf(r)), bodies[i])
+		if err != nil {
+			return fmt.Errorf("spool append: %w", err)
+		}
+		// The rowid is the seq (INTEGER PRIMARY KEY); one connection, so
+		// no other insert can come between.
+		seq, err := res.LastInsertId()
 		if err != nil {
 			return fmt.Errorf("spool append: %w", err)
 		}
@@ -178,26 +212,32 @@ func (s *SQLite) Append(ctx context.Context, recs []*pb.TelemetryRecord) error {
 	}
 	depth := s.depth + uint64(len(recs))
 	var dropped uint64
+	now := dropCounts{}
 	if depth > s.max {
 		excess := depth - s.max
-		// Inference records go first; then anything, oldest first.
-		for _, q := range []string{
-			`DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE kind = 1 ORDER BY seq LIMIT ?)`,
-			`DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT ?)`,
-		} {
+		for _, k := range dropOrder {
 			if excess == 0 {
 				break
 			}
-			res, err := tx.ExecContext(ctx, q, int64(excess))
+			q := `DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE kind <> 1 AND kind = ? ORDER BY seq LIMIT ?)`
+			if k == kindInference {
+				q = `DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE kind = ? ORDER BY seq LIMIT ?)`
+			}
+			res, err := tx.ExecContext(ctx, q, int(k), int64(excess))
 			if err != nil {
 				return fmt.Errorf("spool append: drop oldest: %w", err)
 			}
 			n, _ := res.RowsAffected()
+			if n == 0 {
+				continue
+			}
 			excess -= uint64(n)
 			dropped += uint64(n)
-		}
-		if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES ('dropped', ?)`, strconv.FormatUint(s.dropped+dropped, 10)); err != nil {
-			return fmt.Errorf("spool append: %w", err)
+			now[k] = uint64(n)
+			if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)`,
+				k.metaKey(), strconv.FormatUint(s.dropped[k]+now[k], 10)); err != nil {
+				return fmt.Errorf("spool append: %w", err)
+			}
 		}
 	}
 	if err := tx.Commit(); err != nil {
@@ -207,12 +247,25 @@ func (s *SQLite) Append(ctx context.Context, recs []*pb.TelemetryRecord) error {
 		r.Seq = seqs[i]
 	}
 	s.depth = depth - dropped
-	s.dropped += dropped
+	for k, n := range now {
+		s.dropped[k] += n
+	}
 	return nil
+}
+
+// ReadPriority returns up to limit health and rollout events with
+// from <= seq <= to, in seq order: what the sender puts first after a
+// reconnect.
+func (s *SQLite) ReadPriority(ctx context.Context, from, to uint64, limit int) ([]*pb.TelemetryRecord, error) {
+	return s.read(ctx, `SELECT seq, body FROM records WHERE kind <> 1 AND kind = 2 AND seq >= ? AND seq <= ? ORDER BY seq LIMIT ?`, from, to, limit)
 }
 
 // Read returns up to limit records with from <= seq <= to, in seq order.
 func (s *SQLite) Read(ctx context.Context, from, to uint64, limit int) ([]*pb.TelemetryRecord, error) {
+	return s.read(ctx, `SELECT seq, body FROM records WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?`, from, to, limit)
+}
+
+func (s *SQLite) read(ctx context.Context, query string, from, to uint64, limit int) ([]*pb.TelemetryRecord, error) {
 	if limit <= 0 || from > to {
 		return nil, nil
 	}
@@ -221,8 +274,7 @@ func (s *SQLite) Read(ctx context.Context, from, to uint64, limit int) ([]*pb.Te
 	if s.db == nil {
 		return nil, ErrClosed
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT seq, body FROM records WHERE seq >= ? AND seq <= ? ORDER BY seq LIMIT ?`,
-		clampSeq(from), clampSeq(to), limit)
+	rows, err := s.db.QueryContext(ctx, query, clampSeq(from), clampSeq(to), limit)
 	if err != nil {
 		return nil, fmt.Errorf("spool read: %w", err)
 	}
@@ -289,7 +341,8 @@ func (s *SQLite) Stats(ctx context.Context) (Stats, error) {
 	if s.db == nil {
 		return Stats{}, ErrClosed
 	}
-	st := Stats{Depth: s.depth, Dropped: s.dropped}
+	st := Stats{Depth: s.depth}
+	s.dropped.stats(&st)
 	// sqlite_sequence holds the AUTOINCREMENT high-water mark, which stays
 	// put when the newest records are deleted.
 	var last sql.NullInt64

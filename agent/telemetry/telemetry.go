@@ -11,6 +11,12 @@
 //
 // At most Window batches wait for their ack at once, which bounds what is
 // in flight after a long outage while keeping the link busy.
+//
+// Health and rollout events go first after every (re)connect: the sender
+// sends the spool's events (Spool.ReadPriority) before anything else, and
+// leaves them out of the in-order pass that follows on that connection, so
+// the rollout engine hears of an activation or a rollback before a backlog
+// of inference records is through.
 package telemetry
 
 import (
@@ -29,6 +35,8 @@ import (
 type Spool interface {
 	Epoch() string
 	Read(ctx context.Context, from, to uint64, limit int) ([]*pb.TelemetryRecord, error)
+	// ReadPriority is Read restricted to health and rollout events.
+	ReadPriority(ctx context.Context, from, to uint64, limit int) ([]*pb.TelemetryRecord, error)
 	Delete(ctx context.Context, ranges []*pb.SeqRange) (int, error)
 }
 
@@ -164,6 +172,8 @@ type inflight struct {
 	// pending holds the batch's seqs not acknowledged yet.
 	pending map[uint64]bool
 	sentAt  time.Time
+	// prio marks a batch of events only: it is resent from ReadPriority.
+	prio bool
 }
 
 // Run sends until ctx ends, then returns nil.
@@ -172,6 +182,11 @@ func (s *Sender) Run(ctx context.Context) error {
 		online bool
 		cursor uint64 // highest seq sent on this connection
 		flight []*inflight
+		// The events pass after a connect: its cursor, whether it is done,
+		// and the seqs it sent (left out of the in-order pass).
+		prioCursor uint64
+		prioDone   bool
+		prioSent   map[uint64]bool
 	)
 	tick := time.NewTicker(min(s.o.Poll, s.o.AckTimeout/2))
 	defer tick.Stop()
@@ -182,6 +197,7 @@ func (s *Sender) Run(ctx context.Context) error {
 		case up := <-s.conn:
 			online = up
 			cursor, flight = 0, nil
+			prioCursor, prioDone, prioSent = 0, false, map[uint64]bool{}
 		case a := <-s.acks:
 			flight = s.handleAck(ctx, a, flight)
 		case <-s.poke:
@@ -205,7 +221,11 @@ func (s *Sender) Run(ctx context.Context) error {
 		flight = keep
 		failed := false
 		for i, f := range expired {
-			nf, err := s.send(ctx, f.first, f.last)
+			skip := prioSent
+			if f.prio {
+				skip = nil
+			}
+			nf, err := s.send(ctx, f.first, f.last, f.prio, skip)
 			if err != nil {
 				// Keep the rest as they were; the next tick retries them.
 				flight = append(flight, expired[i:]...)
@@ -218,7 +238,23 @@ func (s *Sender) Run(ctx context.Context) error {
 			}
 		}
 		for !failed && len(flight) < s.o.Window {
-			nf, err := s.send(ctx, cursor+1, math.MaxUint64)
+			if !prioDone {
+				nf, err := s.send(ctx, prioCursor+1, math.MaxUint64, true, nil)
+				if err != nil {
+					break
+				}
+				if nf == nil {
+					prioDone = true
+					continue
+				}
+				prioCursor = nf.last
+				for seq := range nf.pending {
+					prioSent[seq] = true
+				}
+				flight = append(flight, nf)
+				continue
+			}
+			nf, err := s.send(ctx, cursor+1, math.MaxUint64, false, prioSent)
 			if err != nil {
 				// A publish that failed while the link is up (a timeout, a
 				// broken spool read) is retried on the next poke or tick;
@@ -234,13 +270,33 @@ func (s *Sender) Run(ctx context.Context) error {
 	}
 }
 
-// send publishes the records in [from, to] (up to a batch) and returns the
-// batch in flight, or nil when there was nothing to send.
-func (s *Sender) send(ctx context.Context, from, to uint64) (*inflight, error) {
-	recs, err := s.o.Spool.Read(ctx, from, to, s.o.BatchSize)
-	if err != nil {
-		s.log.Error("cannot read the spool", "err", err)
-		return nil, err
+// send publishes the records in [from, to] (up to a batch; only events
+// when prio) except the seqs in skip, and returns the batch in flight, or
+// nil when there was nothing to send.
+func (s *Sender) send(ctx context.Context, from, to uint64, prio bool, skip map[uint64]bool) (*inflight, error) {
+	read := s.o.Spool.Read
+	if prio {
+		read = s.o.Spool.ReadPriority
+	}
+	var recs []*pb.TelemetryRecord
+	for len(recs) == 0 {
+		got, err := read(ctx, from, to, s.o.BatchSize)
+		if err != nil {
+			s.log.Error("cannot read the spool", "err", err)
+			return nil, err
+		}
+		if len(got) == 0 {
+			return nil, nil
+		}
+		for _, r := range got {
+			if !skip[r.GetSeq()] {
+				recs = append(recs, r)
+			}
+		}
+		from = got[len(got)-1].GetSeq() + 1
+		if from == 0 || from > to {
+			break
+		}
 	}
 	if len(recs) == 0 {
 		return nil, nil
@@ -256,7 +312,7 @@ func (s *Sender) send(ctx context.Context, from, to uint64) (*inflight, error) {
 		return nil, err
 	}
 	f := &inflight{first: batch.Records[0].GetSeq(), last: batch.Records[len(batch.Records)-1].GetSeq(),
-		pending: make(map[uint64]bool, len(batch.Records)), sentAt: s.o.Now()}
+		pending: make(map[uint64]bool, len(batch.Records)), sentAt: s.o.Now(), prio: prio}
 	for _, r := range batch.Records {
 		f.pending[r.GetSeq()] = true
 	}

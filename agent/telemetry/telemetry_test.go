@@ -247,3 +247,85 @@ func TestPublishFailureWhileConnectedIsRetried(t *testing.T) {
 	r.ack(r.spool.Epoch(), ackAll(got[0]), ackAll(got[1]))
 	waitUntil(t, "spool empty", func() bool { return r.depth() == 0 })
 }
+
+func TestEventsFirstAfterReconnect(t *testing.T) {
+	r := newRig(t, Options{BatchSize: 100, Window: 4, AckTimeout: time.Minute})
+	event := func(gen uint64) *pb.TelemetryRecord {
+		return &pb.TelemetryRecord{Body: &pb.TelemetryRecord_Event{Event: &pb.Event{Kind: pb.EventKind_EVENT_KIND_ROLLED_BACK, Generation: gen}}}
+	}
+	var recs []*pb.TelemetryRecord
+	for i := 1; i <= 152; i++ {
+		rec := &pb.TelemetryRecord{Body: &pb.TelemetryRecord_Inference{Inference: &pb.InferenceRecord{Model: "m", Version: "1.0.0", LatencyUs: 10}}}
+		if i == 51 || i == 152 {
+			rec = event(uint64(i))
+		}
+		recs = append(recs, rec)
+	}
+	must(t, r.spool.Append(t.Context(), recs))
+	r.sender.Poke()
+	// The first connection may come up before or after the append, so
+	// its order is not checked; wait until it sent every record.
+	sentAll := func(bs []*pb.TelemetryBatch) bool {
+		seen := map[uint64]bool{}
+		for _, b := range bs {
+			for _, seq := range batchSeqs(b) {
+				seen[seq] = true
+			}
+		}
+		return len(seen) == 152
+	}
+	waitUntil(t, "all records sent once", func() bool { return sentAll(r.batches()) })
+	n := len(r.batches())
+	r.sender.Disconnected()
+	r.sender.Connected()
+	waitUntil(t, "all records sent again", func() bool { return sentAll(r.batches()[n:]) })
+	got := r.batches()[n:]
+	if s := fmt.Sprint(batchSeqs(got[0])); s != "[51 152]" {
+		t.Fatalf("first batch after reconnect has %s, want the events [51 152]", s)
+	}
+	// The in-order pass leaves the events out: each record once per connection.
+	seen := map[uint64]int{}
+	for _, b := range got {
+		for _, seq := range batchSeqs(b) {
+			seen[seq]++
+		}
+	}
+	for seq := uint64(1); seq <= 152; seq++ {
+		if seen[seq] != 1 {
+			t.Fatalf("after reconnect seq %d sent %d times, want once", seq, seen[seq])
+		}
+	}
+	// Acks of the events batch and the rest delete everything.
+	for _, b := range got {
+		r.ack(r.spool.Epoch(), ackRanges(b)...)
+	}
+	waitUntil(t, "spool empty", func() bool { return r.depth() == 0 })
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func batchSeqs(b *pb.TelemetryBatch) []uint64 {
+	out := make([]uint64, 0, len(b.GetRecords()))
+	for _, r := range b.GetRecords() {
+		out = append(out, r.GetSeq())
+	}
+	return out
+}
+
+// ackRanges names exactly the seqs of b (a batch may skip seqs).
+func ackRanges(b *pb.TelemetryBatch) []*pb.SeqRange {
+	var out []*pb.SeqRange
+	for _, seq := range batchSeqs(b) {
+		if n := len(out); n > 0 && out[n-1].Last+1 == seq {
+			out[n-1].Last = seq
+			continue
+		}
+		out = append(out, &pb.SeqRange{First: seq, Last: seq})
+	}
+	return out
+}
