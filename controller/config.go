@@ -9,6 +9,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/edgefleet/edgefleet/controller/rollout"
 )
 
 // Config is the controller's configuration: flags, EDGEFLEET_* environment
@@ -35,8 +37,21 @@ type Config struct {
 	// EDGEFLEET_LOG_LEVEL).
 	LogLevel string
 
+	// MQTTTLSCert and MQTTTLSKey are the controller's MQTT certificate
+	// and key (--mqtt-tls-cert, --mqtt-tls-key). With the embedded broker
+	// they are its server certificate; with an external ssl:// broker, the
+	// controller's client certificate (CN edgefleet-controller).
+	MQTTTLSCert, MQTTTLSKey string
+	// MQTTClientCA is the fleet CA (--mqtt-client-ca). With the embedded
+	// broker it must have signed every client's certificate; with an
+	// external broker it verifies the broker's certificate.
+	MQTTClientCA string
+
 	// Tests shorten the MQTT link's waits; zero means the link's defaults.
 	publishTimeout, connectTimeout time.Duration
+	// rolloutTuning, when set, gives the rollout engine's timings and
+	// extra gates (tests shorten them). A pointer keeps Config comparable.
+	rolloutTuning *rollout.Options
 }
 
 // DefaultConfig returns the configuration of a controller started with no
@@ -68,6 +83,9 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.HTTPListen, "http-listen", c.HTTPListen, "address of the HTTP API")
 	fs.StringVar(&c.PublicURL, "public-url", c.PublicURL, "base URL agents download artifacts from (default: agents use their own --controller URL)")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn or error")
+	fs.StringVar(&c.MQTTTLSCert, "mqtt-tls-cert", c.MQTTTLSCert, "MQTT TLS certificate: the embedded broker's (devices must then present certificates), or the controller's client certificate for an ssl:// --broker")
+	fs.StringVar(&c.MQTTTLSKey, "mqtt-tls-key", c.MQTTTLSKey, "key of --mqtt-tls-cert")
+	fs.StringVar(&c.MQTTClientCA, "mqtt-client-ca", c.MQTTClientCA, "fleet CA: signs every MQTT client's certificate (embedded broker), or the ssl:// --broker's certificate")
 }
 
 func (c *Config) fields() map[string]*string {
@@ -78,6 +96,10 @@ func (c *Config) fields() map[string]*string {
 		"http-listen": &c.HTTPListen,
 		"public-url":  &c.PublicURL,
 		"log-level":   &c.LogLevel,
+
+		"mqtt-tls-cert":  &c.MQTTTLSCert,
+		"mqtt-tls-key":   &c.MQTTTLSKey,
+		"mqtt-client-ca": &c.MQTTClientCA,
 	}
 }
 
@@ -95,8 +117,15 @@ func (c *Config) Validate() error {
 		if err := checkAddr(c.MQTTListen); err != nil {
 			errs = append(errs, fmt.Errorf("--mqtt-listen: %w", err))
 		}
+		if c.MQTTTLS() && (c.MQTTTLSCert == "" || c.MQTTTLSKey == "" || c.MQTTClientCA == "") {
+			errs = append(errs, errors.New("--mqtt-tls-cert, --mqtt-tls-key and --mqtt-client-ca go together: the embedded broker needs its certificate, its key and the fleet CA that signs device certificates (`fleet certs init` makes all three)"))
+		}
 	} else if u, err := url.Parse(c.Broker); err != nil || u.Host == "" || u.Scheme == "" {
 		errs = append(errs, fmt.Errorf("--broker %q: want a URL such as tcp://127.0.0.1:1883", c.Broker))
+	} else if c.MQTTTLS() && !tlsSchemes[u.Scheme] {
+		errs = append(errs, fmt.Errorf("--broker %q: the --mqtt-tls-* flags need an encrypted URL such as ssl://%s", c.Broker, u.Host))
+	} else if (c.MQTTTLSCert == "") != (c.MQTTTLSKey == "") {
+		errs = append(errs, errors.New("--mqtt-tls-cert and --mqtt-tls-key go together: give the controller's client certificate and its key"))
 	}
 	if c.PublicURL != "" {
 		u, err := url.Parse(c.PublicURL)
@@ -109,6 +138,14 @@ func (c *Config) Validate() error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// tlsSchemes are the broker URL schemes paho encrypts.
+var tlsSchemes = map[string]bool{"ssl": true, "tls": true, "mqtts": true, "wss": true}
+
+// MQTTTLS reports whether any MQTT TLS setting is given.
+func (c *Config) MQTTTLS() bool {
+	return c.MQTTTLSCert != "" || c.MQTTTLSKey != "" || c.MQTTClientCA != ""
 }
 
 // Level returns the slog level named by LogLevel.

@@ -45,6 +45,15 @@ func TestConfigValidate(t *testing.T) {
 		{"bad public url", func(c *Config) { c.PublicURL = "fleet:9000" }, "--public-url"},
 		{"bad level", func(c *Config) { c.LogLevel = "loud" }, "--log-level"},
 		{"two errors", func(c *Config) { c.DataDir = ""; c.LogLevel = "loud" }, "--data is empty"},
+		{"embedded broker with TLS", func(c *Config) { c.MQTTTLSCert, c.MQTTTLSKey, c.MQTTClientCA = "c", "k", "ca" }, ""},
+		{"embedded broker without its CA", func(c *Config) { c.MQTTTLSCert, c.MQTTTLSKey = "c", "k" }, "--mqtt-client-ca go together"},
+		{"external TLS broker", func(c *Config) {
+			c.Broker = "ssl://b:8883"
+			c.MQTTTLSCert, c.MQTTTLSKey, c.MQTTClientCA = "c", "k", "ca"
+		}, ""},
+		{"external TLS broker, server auth only", func(c *Config) { c.Broker = "ssl://b:8883"; c.MQTTClientCA = "ca" }, ""},
+		{"TLS flags with a plain broker", func(c *Config) { c.Broker = "tcp://b:1883"; c.MQTTClientCA = "ca" }, "need an encrypted URL such as ssl://b:1883"},
+		{"client cert without key", func(c *Config) { c.Broker = "ssl://b:8883"; c.MQTTTLSCert = "c" }, "go together"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -1,17 +1,20 @@
 // Package controller assembles the Edgefleet control plane: the embedded
 // MQTT broker (or a link to an external one), the SQLite store, the
 // inventory and telemetry ingest fed by device messages, the director that
-// publishes desired states, the model registry, and the HTTP API.
+// publishes desired states, the rollout engine that drives staged
+// rollouts, the model registry, and the HTTP API.
 //
 // Lifecycle: New opens the store and binds every listener (so address
 // conflicts fail fast and tests can use port 0); Run serves until its
 // context ends and then stops the parts in dependency order: HTTP first (no
-// new assignments), then the MQTT link (no new messages), then the broker,
-// then the database.
+// new assignments), then the rollout engine (no new decisions), then the
+// MQTT link (no new messages), then the broker, then the director's
+// bookkeeping, then the database.
 package controller
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -22,6 +25,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/edgefleet/edgefleet/controller/access"
 	"github.com/edgefleet/edgefleet/controller/api"
 	"github.com/edgefleet/edgefleet/controller/broker"
 	"github.com/edgefleet/edgefleet/controller/director"
@@ -29,8 +33,10 @@ import (
 	"github.com/edgefleet/edgefleet/controller/link"
 	"github.com/edgefleet/edgefleet/controller/metrics"
 	"github.com/edgefleet/edgefleet/controller/registry"
+	"github.com/edgefleet/edgefleet/controller/rollout"
 	"github.com/edgefleet/edgefleet/controller/store"
 	"github.com/edgefleet/edgefleet/controller/telemetry"
+	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 	"github.com/edgefleet/edgefleet/proto/wire"
 )
 
@@ -45,9 +51,15 @@ type Controller struct {
 	inventory *inventory.Inventory
 	ingest    *telemetry.Ingest
 	director  *director.Director
+	rollouts  *rollout.Engine
 	metrics   *metrics.Registry
+	stopping  chan struct{}
 	httpLn    net.Listener
 	httpSrv   *http.Server
+	// adminToken is the file of the first admin token; adminTokenNew is
+	// set when this start wrote it.
+	adminToken    string
+	adminTokenNew bool
 }
 
 // New validates cfg, opens the store and binds the listeners. Call Run to
@@ -66,7 +78,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 	if err != nil {
 		return nil, err
 	}
-	c := &Controller{cfg: cfg, log: log, store: st, metrics: metrics.NewRegistry()}
+	c := &Controller{cfg: cfg, log: log, store: st, metrics: metrics.NewRegistry(), stopping: make(chan struct{})}
 	ok := false
 	defer func() {
 		if !ok {
@@ -75,18 +87,44 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 	}()
 
 	c.brokerURL = cfg.Broker
+	var linkTLS *tls.Config
 	if cfg.Broker == "" {
-		c.broker, err = broker.New(broker.Options{Listen: cfg.MQTTListen, Logger: log.With("component", "broker"), Retained: st})
+		var brokerTLS *tls.Config
+		if cfg.MQTTTLS() {
+			if brokerTLS, err = broker.ServerTLS(cfg.MQTTTLSCert, cfg.MQTTTLSKey, cfg.MQTTClientCA); err != nil {
+				return nil, fmt.Errorf("--mqtt-tls-cert/--mqtt-tls-key/--mqtt-client-ca: %w", err)
+			}
+		}
+		c.broker, err = broker.New(broker.Options{Listen: cfg.MQTTListen, Logger: log.With("component", "broker"), Retained: st, TLS: brokerTLS})
 		if err != nil {
 			return nil, err
 		}
-		c.brokerURL = "tcp://" + dialable(c.broker.Addr())
+		scheme := "tcp://"
+		if brokerTLS != nil {
+			scheme = "ssl://"
+		}
+		c.brokerURL = scheme + dialable(c.broker.Addr())
+	} else if cfg.MQTTTLS() {
+		if linkTLS, err = link.ClientTLS(cfg.MQTTTLSCert, cfg.MQTTTLSKey, cfg.MQTTClientCA); err != nil {
+			return nil, fmt.Errorf("--mqtt-tls-cert/--mqtt-tls-key/--mqtt-client-ca: %w", err)
+		}
 	}
 	linkURL := c.brokerURL
+	var linkUser, linkPassword string
 	if c.broker != nil {
 		linkURL = "tcp://" + c.broker.InternalAddr().String()
+		linkUser, linkPassword = c.broker.InternalCredentials()
 	}
+	warnExposed(log, cfg, c.broker != nil && c.broker.TLS())
 
+	// The API accepts no change without a token; a new controller makes
+	// the first admin token and leaves it where only its owner reads it.
+	if c.adminToken, c.adminTokenNew, err = access.Bootstrap(ctx, st, cfg.DataDir); err != nil {
+		return nil, err
+	}
+	if c.adminTokenNew {
+		log.Info("first start: admin API token written; use it with fleet --token or EDGEFLEET_TOKEN, and make narrower tokens with `fleet token create`", "file", c.adminToken)
+	}
 	reg, err := registry.New(cfg.DataDir, st, log)
 	if err != nil {
 		return nil, err
@@ -100,15 +138,41 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 
 		PublishTimeout: cfg.publishTimeout,
 		ConnectTimeout: cfg.connectTimeout,
+
+		TLS: linkTLS, Username: linkUser, Password: linkPassword,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("--broker: %w", err)
 	}
+	// Desired states go straight into the embedded broker (see
+	// broker.Publish for why); to an external broker, through the link.
+	var desiredPub director.Publisher = c.link
+	if c.broker != nil {
+		desiredPub = c.broker
+	}
+	// Agents verify every desired state against this key's public half,
+	// DATA/keys/director.pub, which they are given as --director-key.
+	directorKey, keyNew, err := director.LoadOrCreateKey(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	if keyNew {
+		log.Info("first start: director key made; give every agent its public half as --director-key", "file", filepath.Join(cfg.DataDir, director.KeysDir, director.PublicKeyFile))
+	}
 	c.director = director.New(director.Options{
-		Store: st, Publisher: c.link, Logger: log, Metrics: c.metrics, ArtifactBaseURL: cfg.PublicURL,
+		Store: st, Publisher: desiredPub, Logger: log, Metrics: c.metrics, ArtifactBaseURL: cfg.PublicURL,
+		Key: directorKey,
 	})
 	c.inventory = inventory.New(st, c.director, log)
 	c.ingest = telemetry.New(telemetry.Options{Store: st, Publisher: c.link, Logger: log, Metrics: c.metrics})
+	var ropts rollout.Options
+	if cfg.rolloutTuning != nil {
+		ropts = *cfg.rolloutTuning
+	}
+	ropts.Store, ropts.Issuer, ropts.Logger = st, c.director, log.With("component", "rollouts")
+	if c.rollouts, err = rollout.New(ropts); err != nil {
+		return nil, err
+	}
 
 	c.httpLn, err = net.Listen("tcp", cfg.HTTPListen)
 	if err != nil {
@@ -116,13 +180,43 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 	}
 	c.httpSrv = &http.Server{
 		Handler: api.New(api.Options{
-			Devices: st, Registry: reg, Assigner: c.director, Metrics: c.metrics, Logger: log.With("component", "http"),
+			Devices: st, Registry: reg, Assigner: c.director, Rollouts: c.rollouts, Metrics: c.metrics,
+			Tokens: st, Audit: st,
+			Logger: log.With("component", "http"), Stopping: c.stopping,
 		}),
 		ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	// Event streams never go idle; they end when shutdown begins.
+	c.httpSrv.RegisterOnShutdown(func() { close(c.stopping) })
 	ok = true
 	return c, nil
+}
+
+// warnExposed warns, loudly, about listeners reachable from the network
+// without the protection they need there: an MQTT broker without client
+// certificates lets anyone pose as any device, and the API without TLS
+// sends operator tokens in the clear.
+func warnExposed(log *slog.Logger, cfg Config, mqttTLS bool) {
+	if cfg.Broker == "" && !mqttTLS && !loopback(cfg.MQTTListen) {
+		log.Warn("INSECURE: the embedded MQTT broker listens beyond this machine without TLS: any client can pose as any device and read every desired state; set --mqtt-tls-cert, --mqtt-tls-key and --mqtt-client-ca (see SECURITY.md)", "mqtt", cfg.MQTTListen)
+	}
+	if !loopback(cfg.HTTPListen) {
+		log.Warn("INSECURE: the API listens beyond this machine over plain HTTP: operator tokens cross the network in the clear; bind --http-listen to 127.0.0.1 and put a TLS-terminating proxy in front (see SECURITY.md)", "http", cfg.HTTPListen)
+	}
+}
+
+// loopback reports whether a listen address admits only this machine.
+func loopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // dialable turns a listening address into one a client can dial: a
@@ -136,6 +230,12 @@ func dialable(a net.Addr) string {
 		host = "127.0.0.1"
 	}
 	return net.JoinHostPort(host, port)
+}
+
+// AdminTokenFile returns the path of the first admin token's file
+// (DATA/admin.token); the file exists only if nobody removed it.
+func (c *Controller) AdminTokenFile() string {
+	return filepath.Join(c.cfg.DataDir, access.AdminTokenFile)
 }
 
 // HTTPAddr returns the address the API listens on.
@@ -178,7 +278,7 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 		part string
 		err  error
 	}
-	results := make(chan result, 3)
+	results := make(chan result, 5)
 	c.log.Info("controller starting", "mqtt", c.MQTTAddr(), "broker_embedded", c.broker != nil)
 	running := 0
 	start := func(part string, fn func() error) {
@@ -190,9 +290,14 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 	defer stopBroker()
 	linkCtx, stopLink := context.WithCancel(context.Background())
 	defer stopLink()
+	directorCtx, stopDirector := context.WithCancel(context.Background())
+	defer stopDirector()
+	rolloutsCtx, stopRollouts := context.WithCancel(context.Background())
+	defer stopRollouts()
 	if c.broker != nil {
 		start("broker", func() error { return c.broker.Run(brokerCtx) })
 	}
+	start("director", func() error { return c.director.Run(directorCtx) })
 	start("mqtt link", func() error { return c.link.Run(linkCtx) })
 
 	var firstErr error
@@ -228,6 +333,9 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 		}
 	}
 	if serving {
+		// Rollouts resume once device messages flow, so what the devices
+		// say on reconnecting reaches them.
+		start("rollouts", func() error { return c.rollouts.Run(rolloutsCtx) })
 		start("http", func() error {
 			if err := c.httpSrv.Serve(c.httpLn); !errors.Is(err, http.ErrServerClosed) {
 				return err
@@ -251,16 +359,27 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 		c.log.Warn("http shutdown", "err", err)
 	}
 	c.httpLn.Close() // never served if shut down before ready
-	stopLink()
-	// The broker goes last among the network parts, so the link's
-	// disconnect reaches it. An empty part waits for all.
+	// An empty part waits for all.
 	waitFor := func(part string) {
 		for running > 0 && (part == "" || !done[part]) {
 			record(<-results)
 		}
 	}
+	if serving {
+		stopRollouts()
+		waitFor("rollouts")
+	}
+	stopLink()
+	// The broker goes last among the network parts, so the link's
+	// disconnect reaches it.
 	waitFor("mqtt link")
 	stopBroker()
+	if c.broker != nil {
+		waitFor("broker")
+	}
+	// The director records the last acknowledgements once nothing can
+	// publish any more.
+	stopDirector()
 	waitFor("")
 	if err := c.store.Close(); err != nil && firstErr == nil {
 		firstErr = fmt.Errorf("close database: %w", err)
@@ -289,6 +408,11 @@ func RunWith(ctx context.Context, cfg Config, stdout, stderr io.Writer) error {
 		return err
 	}
 	return c.Run(ctx, func() {
+		// stdout keeps its one ready line (scripts read it); the token's
+		// whereabouts go beside the logs.
+		if c.adminTokenNew {
+			fmt.Fprintf(stderr, "admin API token written to %s (mode 0600): export EDGEFLEET_TOKEN=$(cat %s)\n", c.adminToken, c.adminToken)
+		}
 		fmt.Fprintf(stdout, "controller ready http=%s mqtt=%s\n", c.HTTPAddr(), c.MQTTAddr())
 	})
 }
@@ -312,17 +436,36 @@ func (c *Controller) handleMessage(ctx context.Context, m link.Message) error {
 		}
 	}
 	env := m.Envelope
+	var err error
+	changed := true
 	switch m.Kind {
 	case wire.KindHello:
-		return c.inventory.Hello(ctx, m.DeviceID, at, env.GetHello())
+		err = c.inventory.Hello(ctx, m.DeviceID, at, env.GetHello())
 	case wire.KindState:
-		return c.inventory.State(ctx, m.DeviceID, at, env.GetState())
+		err = c.inventory.State(ctx, m.DeviceID, at, env.GetState())
 	case wire.KindPresence:
-		return c.inventory.Presence(ctx, m.DeviceID, at, env.GetPresence())
+		err = c.inventory.Presence(ctx, m.DeviceID, at, env.GetPresence())
 	case wire.KindEvents:
-		return c.inventory.Event(ctx, m.DeviceID, at, env.GetEvent())
+		err = c.inventory.Event(ctx, m.DeviceID, at, env.GetEvent())
 	case wire.KindTelemetry:
-		return c.ingest.Batch(ctx, m.DeviceID, at, env.GetTelemetry())
+		err = c.ingest.Batch(ctx, m.DeviceID, at, env.GetTelemetry())
+		// Only the events a batch carries (spooled while offline) move
+		// rollouts; inference records are read by the gates.
+		changed = hasEvents(env.GetTelemetry())
+	default:
+		return fmt.Errorf("no handler for %s messages", m.Kind)
 	}
-	return fmt.Errorf("no handler for %s messages", m.Kind)
+	if err == nil && changed {
+		c.rollouts.DeviceChanged(m.DeviceID)
+	}
+	return err
+}
+
+func hasEvents(b *pb.TelemetryBatch) bool {
+	for _, r := range b.GetRecords() {
+		if r.GetEvent() != nil {
+			return true
+		}
+	}
+	return false
 }

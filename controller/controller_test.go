@@ -99,8 +99,15 @@ func (h *harness) do(method, path string, body []byte, hdr map[string]string) (*
 	if err != nil {
 		h.t.Fatal(err)
 	}
+	// Requests carry the controller's first admin token unless the test
+	// sets Authorization itself ("" for none).
+	if _, ok := hdr["Authorization"]; !ok {
+		req.Header.Set("Authorization", "Bearer "+h.adminToken())
+	}
 	for k, v := range hdr {
-		req.Header.Set(k, v)
+		if v != "" {
+			req.Header.Set(k, v)
+		}
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -112,6 +119,17 @@ func (h *harness) do(method, path string, body []byte, hdr map[string]string) (*
 		h.t.Fatal(err)
 	}
 	return resp, b
+}
+
+// adminToken returns the token the controller wrote to its data dir on
+// first start.
+func (h *harness) adminToken() string {
+	h.t.Helper()
+	b, err := os.ReadFile(h.c.AdminTokenFile())
+	if err != nil {
+		h.t.Fatalf("admin token: %v", err)
+	}
+	return strings.TrimSpace(string(b))
 }
 
 // call does a request, checks the status, and decodes a JSON answer into

@@ -11,6 +11,26 @@
 //	GET  /v1/devices?selector=SEL  DeviceList, sorted by id
 //	GET  /v1/devices/{id}          Device, 404 if unknown
 //	POST /v1/assignments           AssignmentRequest -> AssignmentResponse
+//
+//	POST /v1/rollouts              rollout specification (rollout.Spec, JSON) -> 201 Rollout; 400 bad spec,
+//	                               404 unknown model, 409 name taken or another rollout manages the slot
+//	POST /v1/rollouts?dryRun=true  the same, answering the RolloutPlan without creating anything
+//	GET  /v1/rollouts              RolloutList, newest first
+//	GET  /v1/rollouts/{id}         Rollout (with history)
+//	GET  /v1/rollouts/{id}/devices RolloutDeviceList; ?step=failed&wave=0 filter
+//	POST /v1/rollouts/{id}/{action} pause|resume|approve|abort|rollback -> Rollout; 409 if not possible now
+//	GET  /v1/rollouts/{id}/events  text/event-stream of "rollout" events (the Rollout, one JSON line)
+//
+//	POST   /v1/tokens              TokenRequest -> 201 TokenCreated (the secret, shown once); 409 name taken
+//	GET    /v1/tokens              TokenList (no secrets)
+//	DELETE /v1/tokens/{name}       revoke; 409 for the last valid admin token
+//	GET    /v1/audit?limit=N&before=ID&who=NAME  AuditList, newest first
+//
+// Every endpoint but /healthz, /metrics and artifact downloads needs an
+// "Authorization: Bearer <token>" header whose token has the role
+// access.Required names (viewer to read, operator to change, admin for
+// tokens and keys): 401 without a valid token, 403 with too weak a role.
+// Every request that may change something is written to the audit log.
 package api
 
 import (
@@ -60,9 +80,19 @@ type Options struct {
 	Devices  Devices
 	Registry Registry
 	Assigner Assigner
+	// Rollouts serves /v1/rollouts; nil answers 404 there.
+	Rollouts Rollouts
+	// Tokens authenticates callers and serves /v1/tokens; nil refuses
+	// every request that needs a token.
+	Tokens Tokens
+	// Audit records every change and serves /v1/audit.
+	Audit AuditLog
 	// Metrics serves GET /metrics; nil answers 404.
 	Metrics http.Handler
 	Logger  *slog.Logger
+	// Stopping, when closed, ends the event streams, which would otherwise
+	// keep a graceful shutdown waiting.
+	Stopping <-chan struct{}
 }
 
 type server struct {
@@ -90,10 +120,26 @@ func New(opts Options) http.Handler {
 	mux.HandleFunc("GET /v1/devices", s.listDevices)
 	mux.HandleFunc("GET /v1/devices/{id}", s.device)
 	mux.HandleFunc("POST /v1/assignments", s.assign)
+	if opts.Rollouts != nil {
+		mux.HandleFunc("POST /v1/rollouts", s.createRollout)
+		mux.HandleFunc("GET /v1/rollouts", s.listRollouts)
+		mux.HandleFunc("GET /v1/rollouts/{id}", s.getRollout)
+		mux.HandleFunc("GET /v1/rollouts/{id}/devices", s.rolloutDevices)
+		mux.HandleFunc("GET /v1/rollouts/{id}/events", s.rolloutEvents)
+		mux.HandleFunc("POST /v1/rollouts/{id}/{action}", s.rolloutAction)
+	}
+	if opts.Tokens != nil {
+		mux.HandleFunc("POST /v1/tokens", s.createToken)
+		mux.HandleFunc("GET /v1/tokens", s.listTokens)
+		mux.HandleFunc("DELETE /v1/tokens/{name}", s.revokeToken)
+	}
+	if opts.Audit != nil {
+		mux.HandleFunc("GET /v1/audit", s.listAudit)
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path))
 	})
-	return s.logRequests(mux)
+	return s.logRequests(s.guard(mux))
 }
 
 type statusWriter struct {
@@ -105,6 +151,10 @@ func (w *statusWriter) WriteHeader(code int) {
 	w.status = code
 	w.ResponseWriter.WriteHeader(code)
 }
+
+// Unwrap lets http.ResponseController reach the connection (to flush
+// event streams).
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 func (s *server) logRequests(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -153,7 +203,11 @@ func (s *server) pushModel(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "empty body: send the bundle file's bytes (application/octet-stream)")
 		return
 	}
+	noteTarget(r, "bundle of %d bytes", len(data))
 	m, created, err := s.Registry.Push(r.Context(), data)
+	if err == nil {
+		noteTarget(r, "model %s@%s sha256:%s", m.Name, m.Version, m.Digest)
+	}
 	switch {
 	case errors.Is(err, bundle.ErrInvalid):
 		writeError(w, http.StatusBadRequest, err.Error())
@@ -271,6 +325,7 @@ func (s *server) assign(w http.ResponseWriter, r *http.Request) {
 	if req.Slot == "" {
 		req.Slot = director.DefaultSlot
 	}
+	noteTarget(r, "%s@%s slot %s selector %q", req.Model, req.Version, req.Slot, req.Selector)
 	if !slotRE.MatchString(req.Slot) {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("slot %q: use 1-63 lowercase letters, digits, '.', '_' or '-'", req.Slot))
 		return

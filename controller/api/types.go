@@ -27,6 +27,11 @@ type Slot struct {
 	ActiveSince *string   `json:"activeSince"`
 	Pending     *ModelRef `json:"pending"`
 	LastError   string    `json:"lastError"`
+	// Healthy is set once the active version passed the agent's health
+	// watch.
+	Healthy bool `json:"healthy"`
+	// RolloutID names the rollout that put the active version there.
+	RolloutID string `json:"rolloutId"`
 }
 
 // DesiredSlot is what the controller wants in one slot.
@@ -35,6 +40,10 @@ type DesiredSlot struct {
 	Name    string `json:"name"`
 	Version string `json:"version"`
 	Digest  string `json:"digest"`
+	// RolloutID names the rollout that set the slot, "" for an assignment.
+	RolloutID string `json:"rolloutId"`
+	// Rollback is set when the slot deliberately restores an older version.
+	Rollback bool `json:"rollback"`
 }
 
 // Desired is a device's desired state.
@@ -171,7 +180,7 @@ func deviceJSON(d store.Device) (Device, error) {
 	if d.Desired != nil {
 		des := &Desired{Generation: d.Desired.Generation, Slots: []DesiredSlot{}}
 		for _, s := range d.Desired.Slots {
-			des.Slots = append(des.Slots, DesiredSlot{Slot: s.Slot, Name: s.Model, Version: s.Version, Digest: s.Digest})
+			des.Slots = append(des.Slots, DesiredSlot{Slot: s.Slot, Name: s.Model, Version: s.Version, Digest: s.Digest, RolloutID: s.RolloutID, Rollback: s.Rollback})
 		}
 		out.Desired = des
 	}
@@ -192,6 +201,8 @@ func deviceJSON(d store.Device) (Device, error) {
 			Previous:  modelRef(s.GetPrevious()),
 			Pending:   modelRef(s.GetPending()),
 			LastError: s.GetLastError(),
+			Healthy:   s.GetHealthy(),
+			RolloutID: s.GetRolloutId(),
 		}
 		if ms := s.GetActiveSinceUnixMs(); ms > 0 {
 			slot.ActiveSince = optTime(time.UnixMilli(ms))

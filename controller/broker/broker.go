@@ -4,9 +4,13 @@
 // over TCP through paho, so the same controller code works against an
 // external broker.
 //
-// Access control is a mochi hook: Options.Auth. Until device certificates
-// exist it defaults to allowing every client; the mTLS/ACL work replaces it
-// with a hook that confines device X to ef/v1/dev/X/.
+// Access control is a mochi hook. With Options.TLS the public listener
+// speaks only TLS and requires a client certificate signed by the fleet
+// CA; the access hook (access.go) takes each client's identity from its
+// verified certificate and confines device X to its own topics under
+// ef/v1/dev/X/, while the controller identity may use every topic. Without
+// TLS every client may do everything: fine on a loopback-only broker for
+// development and demos, never on a network.
 //
 // Retained desired-state messages survive a restart: a storage hook keeps
 // them in the controller's database. Other retained topics (state,
@@ -17,11 +21,13 @@ package broker
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"sync"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/hooks/auth"
@@ -45,9 +51,45 @@ type Options struct {
 	// Retained, if set, keeps retained desired-state messages across
 	// restarts.
 	Retained RetainStore
-	// Auth authenticates clients and checks topic access. Nil allows every
-	// client everything (mochi's AllowHook).
+	// Auth authenticates clients and checks topic access. Nil means the
+	// certificate access hook with TLS, and allowing every client
+	// everything (mochi's AllowHook) without.
 	Auth mqtt.Hook
+	// TLS, if set, serves the public listener with TLS only; its
+	// ClientAuth must be tls.RequireAndVerifyClientCert (see ServerTLS).
+	TLS *tls.Config
+	// ConnectTimeout bounds how long a new connection on the public
+	// listener may take to finish the TLS handshake and send CONNECT
+	// (default DefaultConnectTimeout). mochi sets no deadline before
+	// CONNECT, so without one an idle connection would hold its goroutine
+	// and socket forever.
+	ConnectTimeout time.Duration
+}
+
+// DefaultConnectTimeout is the default of Options.ConnectTimeout.
+const DefaultConnectTimeout = 10 * time.Second
+
+// deadlineListener gives every accepted connection a deadline; mochi
+// replaces it with the keep-alive deadline once CONNECT is read.
+type deadlineListener struct {
+	net.Listener
+	d time.Duration
+}
+
+func (l deadlineListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		// An error here concerns this connection only (it is already
+		// gone); returning it would stop the listener.
+		if err := c.SetDeadline(time.Now().Add(l.d)); err != nil {
+			c.Close()
+			continue
+		}
+		return c, nil
+	}
 }
 
 // Broker is a running (or ready to run) embedded broker.
@@ -61,6 +103,9 @@ type Options struct {
 // earlier wait in the listen backlog.
 type Broker struct {
 	srv      *mqtt.Server
+	retain   *retainHook // nil without a store
+	access   *accessHook // nil without TLS, or with Options.Auth
+	tls      bool
 	ln       net.Listener // public
 	internal net.Listener
 	log      *slog.Logger
@@ -84,19 +129,38 @@ func New(opts Options) (*Broker, error) {
 	}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = MaxPacketSize
+	// Mochi drops retained messages older than a day by default; a desired
+	// state must stay retained until it is replaced, however long its
+	// device is away.
+	caps.MaximumMessageExpiryInterval = 0
 	srv := mqtt.New(&mqtt.Options{
 		Capabilities: caps,
 		Logger:       slog.New(minLevel{h: log.Handler(), min: slog.LevelWarn}),
+		// The controller publishes desired states in-process (inline.go).
+		InlineClient: true,
 	})
+	if opts.TLS != nil && opts.TLS.ClientAuth != tls.RequireAndVerifyClientCert {
+		return nil, errors.New("broker: TLS without verified client certificates would let any client in; build the TLS configuration with ServerTLS")
+	}
 	authHook := opts.Auth
+	var access *accessHook
+	if authHook == nil && opts.TLS != nil {
+		var err error
+		if access, err = newAccessHook(log.With("hook", "access")); err != nil {
+			return nil, err
+		}
+		authHook = access
+	}
 	if authHook == nil {
 		authHook = new(auth.AllowHook)
 	}
 	if err := srv.AddHook(authHook, nil); err != nil {
 		return nil, fmt.Errorf("broker: add auth hook %s: %w", authHook.ID(), err)
 	}
+	var retain *retainHook
 	if opts.Retained != nil {
-		if err := srv.AddHook(&retainHook{store: opts.Retained, log: log}, nil); err != nil {
+		retain = newRetainHook(opts.Retained, log)
+		if err := srv.AddHook(retain, nil); err != nil {
 			return nil, fmt.Errorf("broker: add retained hook: %w", err)
 		}
 	}
@@ -104,6 +168,17 @@ func New(opts Options) (*Broker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("broker: listen on %s: %w (is another broker or controller running? pick another --mqtt-listen)", opts.Listen, err)
 	}
+	if opts.ConnectTimeout <= 0 {
+		opts.ConnectTimeout = DefaultConnectTimeout
+	}
+	ln = deadlineListener{Listener: ln, d: opts.ConnectTimeout}
+	if opts.TLS != nil {
+		ln = tls.NewListener(ln, opts.TLS)
+	}
+	// The internal listener is loopback only and, with TLS, admits only
+	// the client presenting the access hook's secret: the controller's own
+	// link. Plain TCP there costs no handshake and does not depend on what
+	// the operator's server certificate allows (client usage, its name).
 	internal, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		ln.Close()
@@ -114,7 +189,21 @@ func New(opts Options) (*Broker, error) {
 		internal.Close()
 		return nil, fmt.Errorf("broker: add listener: %w", err)
 	}
-	return &Broker{srv: srv, ln: ln, internal: internal, log: log, served: make(chan struct{})}, nil
+	return &Broker{srv: srv, retain: retain, access: access, tls: opts.TLS != nil, ln: ln, internal: internal, log: log, served: make(chan struct{})}, nil
+}
+
+// TLS reports whether the public listener speaks TLS with client
+// certificates.
+func (b *Broker) TLS() bool { return b.tls }
+
+// InternalCredentials returns the username and password the controller's
+// link presents on the internal listener. Both are empty when the broker
+// runs without the access hook (no TLS), which admits every client.
+func (b *Broker) InternalCredentials() (username, password string) {
+	if b.access == nil {
+		return "", ""
+	}
+	return ControllerIdentity, string(b.access.secret)
 }
 
 // Addr returns the public address, where devices connect.
@@ -129,6 +218,16 @@ func (b *Broker) Run(ctx context.Context) error {
 	if err := b.srv.Serve(); err != nil {
 		b.Close()
 		return fmt.Errorf("broker: %w", err)
+	}
+	var flushed chan struct{}
+	if b.retain != nil {
+		// The writer outlives the server: it stops only after srv.Close,
+		// so the last retained messages are written too.
+		wctx, stopWriter := context.WithCancel(context.Background())
+		defer stopWriter()
+		flushed = make(chan struct{})
+		go func() { b.retain.run(wctx); close(flushed) }()
+		defer func() { stopWriter(); <-flushed }()
 	}
 	close(b.served)
 	<-ctx.Done()
@@ -151,7 +250,7 @@ func (b *Broker) Open() error {
 			return
 		}
 		b.srv.Listeners.Serve(PublicListener, b.srv.EstablishConnection)
-		b.log.Info("mqtt broker listening", "addr", b.Addr().String())
+		b.log.Info("mqtt broker listening", "addr", b.Addr().String(), "tls_client_certificates", b.tls)
 	})
 	return b.openErr
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/edgefleet/edgefleet/controller/store"
@@ -15,21 +16,41 @@ import (
 
 // RetainStore keeps retained messages; *store.Store implements it.
 type RetainStore interface {
-	SaveRetained(ctx context.Context, m store.RetainedMessage) error
-	DeleteRetained(ctx context.Context, topic string) error
+	// ApplyRetained saves, or for an empty payload deletes, messages in
+	// one transaction.
+	ApplyRetained(ctx context.Context, msgs []store.RetainedMessage) error
 	RetainedMessages(ctx context.Context) ([]store.RetainedMessage, error)
 }
 
 // storeTimeout bounds one database call from inside the broker: hooks run
 // on the publishing client's goroutine and have no context of their own.
-const storeTimeout = 5 * time.Second
+const storeTimeout = 10 * time.Second
 
 // retainHook is a mochi storage hook that persists only the retained
 // messages of desired-state topics (see the package doc for why).
+//
+// Mochi calls OnRetainMessage on the publishing client's goroutine before
+// it acknowledges the publish, so writing there would cost the controller
+// one synchronous database commit per desired state: a rollout wave of
+// thousands of devices would crawl. The hook queues instead, keeping the
+// newest message per topic, and the broker's Run writes the queue in one
+// transaction per batch. What a crash loses is at most the last batch, and
+// that loss is covered: the documents themselves were committed to the
+// store before they were published, and the controller re-publishes a
+// device's desired state when its hello reports an older generation.
 type retainHook struct {
 	mqtt.HookBase
 	store RetainStore
 	log   *slog.Logger
+
+	mu      sync.Mutex
+	pending map[string]store.RetainedMessage
+	order   []string
+	wake    chan struct{}
+}
+
+func newRetainHook(st RetainStore, log *slog.Logger) *retainHook {
+	return &retainHook{store: st, log: log, pending: map[string]store.RetainedMessage{}, wake: make(chan struct{}, 1)}
 }
 
 func (h *retainHook) ID() string { return "edgefleet-retained-desired" }
@@ -48,28 +69,54 @@ func (h *retainHook) OnRetainMessage(cl *mqtt.Client, pk packets.Packet, r int64
 	if !persisted(pk.TopicName) {
 		return
 	}
+	created := time.Unix(pk.Created, 0)
+	if pk.Created == 0 {
+		created = time.Now()
+	}
+	m := store.RetainedMessage{Topic: pk.TopicName, Payload: bytes.Clone(pk.Payload), QoS: pk.FixedHeader.Qos, Created: created}
+	h.mu.Lock()
+	if _, ok := h.pending[m.Topic]; !ok {
+		h.order = append(h.order, m.Topic)
+	}
+	h.pending[m.Topic] = m
+	h.mu.Unlock()
+	select {
+	case h.wake <- struct{}{}:
+	default:
+	}
+}
+
+// run writes queued messages until ctx ends, then writes what is left.
+func (h *retainHook) run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			h.flush()
+			return
+		case <-h.wake:
+			h.flush()
+		}
+	}
+}
+
+func (h *retainHook) flush() {
+	h.mu.Lock()
+	batch := make([]store.RetainedMessage, 0, len(h.order))
+	for _, t := range h.order {
+		batch = append(batch, h.pending[t])
+	}
+	h.pending, h.order = map[string]store.RetainedMessage{}, nil
+	h.mu.Unlock()
+	if len(batch) == 0 {
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
-	var err error
-	if len(pk.Payload) == 0 {
-		err = h.store.DeleteRetained(ctx, pk.TopicName)
-	} else {
-		created := time.Unix(pk.Created, 0)
-		if pk.Created == 0 {
-			created = time.Now()
-		}
-		err = h.store.SaveRetained(ctx, store.RetainedMessage{
-			Topic:   pk.TopicName,
-			Payload: bytes.Clone(pk.Payload),
-			QoS:     pk.FixedHeader.Qos,
-			Created: created,
-		})
-	}
-	if err != nil {
-		// The message is still retained in memory; only a restart before
-		// the next publish of this topic loses it, and the controller
+	if err := h.store.ApplyRetained(ctx, batch); err != nil {
+		// The messages are still retained in memory; only a restart before
+		// the next publish of these topics loses them, and the controller
 		// re-publishes desired states a device is missing when it says hello.
-		h.log.Error("persist retained message", "topic", pk.TopicName, "err", err)
+		h.log.Error("persist retained messages", "messages", len(batch), "err", err)
 	}
 }
 

@@ -1,9 +1,10 @@
 // Package director issues each device's desired state: what model version
 // runs in which slot, under a generation number that only ever increases
 // for that device. The name follows Uptane, where the "director" tells each
-// vehicle what to install; the director key's signature over the desired
-// state comes with the security work (SignedDesiredState.signature is empty
-// until then).
+// vehicle what to install. Each document is signed with the director key
+// (Options.Key, DATA/keys/director.key) over its exact bytes, domain
+// trust.DomainDesiredState, and carries an expiry (Options.Expiry, default
+// DefaultExpiry) so a device cannot be frozen on a stale instruction.
 //
 // Order of work for an assignment: the new generation and document are
 // committed to the store first, then published retained with QoS 1 on
@@ -11,10 +12,20 @@
 // acknowledged by the broker stays marked unpublished and is published
 // again after the next (re)connect, so a crash or broker outage between the
 // two steps only delays delivery.
+//
+// The rollout engine issues desired states as part of its own transitions:
+// Issue runs the engine's commit (rollout steps and desired states in one
+// transaction) under the director's publish lock, with the director's
+// document builder, and then publishes what it committed.
+//
+// The broker's acknowledgements are recorded in the store in batches by
+// Run: one commit per acknowledged document would make a wave of thousands
+// of devices wait on thousands of disk syncs.
 package director
 
 import (
 	"context"
+	"crypto/ed25519"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -24,6 +35,7 @@ import (
 	"github.com/edgefleet/edgefleet/controller/metrics"
 	"github.com/edgefleet/edgefleet/controller/store"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
+	"github.com/edgefleet/edgefleet/proto/trust"
 	"github.com/edgefleet/edgefleet/proto/wire"
 	"google.golang.org/protobuf/proto"
 )
@@ -38,7 +50,7 @@ func ArtifactPath(digest string) string { return "/v1/artifacts/" + digest }
 type Store interface {
 	Assign(ctx context.Context, ids []string, slot store.DesiredSlot, issued time.Time, build store.BuildFunc) ([]store.Desired, error)
 	DesiredState(ctx context.Context, id string) (store.Desired, error)
-	MarkPublished(ctx context.Context, id string, gen uint64) error
+	MarkPublishedAll(ctx context.Context, docs []store.Published) error
 	UnpublishedDesired(ctx context.Context) ([]store.Desired, error)
 }
 
@@ -60,7 +72,19 @@ type Options struct {
 	// ArtifactPath). Empty leaves them as paths, which the agent resolves
 	// against its own --controller URL.
 	ArtifactBaseURL string
+	// Key signs every desired state; nil leaves them unsigned (agents
+	// with a director key refuse those).
+	Key ed25519.PrivateKey
+	// Expiry is how long after issue a desired state stays valid; zero
+	// means DefaultExpiry, negative means no expiry.
+	Expiry time.Duration
 }
+
+// DefaultExpiry is how long a desired state stays valid. An agent refuses
+// an expired one (with a few minutes of clock skew allowed), so an
+// attacker replaying a captured state has at most this long; a device
+// offline longer needs a fresh state from the controller.
+const DefaultExpiry = 30 * 24 * time.Hour
 
 // Director builds, stores and publishes desired states.
 type Director struct {
@@ -73,6 +97,11 @@ type Director struct {
 
 	published *metrics.Counter
 	failed    *metrics.Counter
+
+	// marks are acknowledged documents Run has yet to record.
+	markMu   sync.Mutex
+	marks    []store.Published
+	markWake chan struct{}
 }
 
 // New returns a Director.
@@ -86,12 +115,66 @@ func New(opts Options) *Director {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	if opts.Expiry == 0 {
+		opts.Expiry = DefaultExpiry
+	}
 	return &Director{
 		opts:      opts,
 		log:       opts.Logger,
 		published: opts.Metrics.Counter("edgefleet_controller_desired_published_total", "Desired states the broker acknowledged."),
 		failed:    opts.Metrics.Counter("edgefleet_controller_desired_publish_failures_total", "Desired-state publishes that failed or timed out (they are retried after a reconnect)."),
+		markWake:  make(chan struct{}, 1),
 	}
+}
+
+// Run records the broker's acknowledgements in the store until ctx ends,
+// and records the last ones before it returns.
+func (d *Director) Run(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			d.flushMarks()
+			return nil
+		case <-d.markWake:
+			d.flushMarks()
+		}
+	}
+}
+
+func (d *Director) flushMarks() {
+	d.markMu.Lock()
+	batch := d.marks
+	d.marks = nil
+	d.markMu.Unlock()
+	if len(batch) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := d.opts.Store.MarkPublishedAll(ctx, batch); err != nil {
+		// They stay unpublished in the store and are sent once more after
+		// the next reconnect, which the agent ignores as already accepted.
+		d.log.Error("record published desired states", "documents", len(batch), "err", err)
+	}
+}
+
+// Issue runs commit with the director's document builder and publishes
+// the desired states it returns, without waiting for the broker. commit
+// must store them in one transaction (store.CommitRollout does) and return
+// them; it runs under the publish lock, so documents reach the broker in
+// generation order whoever issues them. Nothing is published if commit
+// fails.
+func (d *Director) Issue(ctx context.Context, commit func(build store.BuildFunc) ([]store.Desired, error)) ([]store.Desired, error) {
+	d.pubMu.Lock()
+	defer d.pubMu.Unlock()
+	docs, err := commit(d.build)
+	if err != nil {
+		return nil, err
+	}
+	for _, doc := range docs {
+		d.publish(doc, nil)
+	}
+	return docs, nil
 }
 
 // Result is the outcome of assigning to one device.
@@ -186,21 +269,35 @@ func (d *Director) build(ds *store.Desired) error {
 		Generation:     ds.Generation,
 		IssuedAtUnixMs: ds.IssuedAt.UnixMilli(),
 	}
-	for _, s := range ds.Slots {
-		want.Slots = append(want.Slots, &pb.SlotAssignment{
-			Slot:  s.Slot,
-			Model: &pb.ModelRef{Name: s.Model, Version: s.Version, BundleSha256: s.Digest},
-			Url:   d.opts.ArtifactBaseURL + ArtifactPath(s.Digest),
-			Size:  s.Size,
-		})
+	if d.opts.Expiry > 0 {
+		want.ExpiresAtUnixMs = ds.IssuedAt.Add(d.opts.Expiry).UnixMilli()
 	}
-	// The signature (security work) covers exactly these bytes, which is
-	// why they are stored and re-sent rather than re-marshaled.
+	for _, s := range ds.Slots {
+		a := &pb.SlotAssignment{
+			Slot:      s.Slot,
+			Model:     &pb.ModelRef{Name: s.Model, Version: s.Version, BundleSha256: s.Digest},
+			Url:       d.opts.ArtifactBaseURL + ArtifactPath(s.Digest),
+			Size:      s.Size,
+			RolloutId: s.RolloutID,
+			Rollback:  s.Rollback,
+		}
+		if h := s.Health; h != nil {
+			a.Health = &pb.HealthPolicy{WatchMs: h.WatchMS, MaxErrorRate: h.MaxErrorRate, MaxLatencyP99Ms: h.MaxLatencyP99MS, MinInferences: h.MinInferences}
+		}
+		want.Slots = append(want.Slots, a)
+	}
+	// The signature covers exactly these bytes, which is why they are
+	// stored and re-sent rather than re-marshaled.
 	inner, err := proto.MarshalOptions{Deterministic: true}.Marshal(want)
 	if err != nil {
 		return err
 	}
-	doc, err := proto.Marshal(&pb.SignedDesiredState{Desired: inner})
+	signed := &pb.SignedDesiredState{Desired: inner}
+	if d.opts.Key != nil {
+		sig := trust.Sign(d.opts.Key, trust.DomainDesiredState, inner)
+		signed.Signature, signed.KeyId = sig.Sig, sig.KeyID
+	}
+	doc, err := proto.Marshal(signed)
 	if err != nil {
 		return err
 	}
@@ -217,12 +314,13 @@ func (d *Director) publish(doc store.Desired, done func(error)) {
 			d.log.Warn("desired state not published; will retry after reconnect", "device", doc.DeviceID, "generation", doc.Generation, "err", err)
 		} else {
 			d.published.Inc()
-			// The callback has no caller's context; bound the write.
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			if err := d.opts.Store.MarkPublished(ctx, doc.DeviceID, doc.Generation); err != nil {
-				d.log.Error("mark desired state published", "device", doc.DeviceID, "generation", doc.Generation, "err", err)
+			d.markMu.Lock()
+			d.marks = append(d.marks, store.Published{DeviceID: doc.DeviceID, Generation: doc.Generation})
+			d.markMu.Unlock()
+			select {
+			case d.markWake <- struct{}{}:
+			default:
 			}
-			cancel()
 		}
 		if done != nil {
 			done(err)

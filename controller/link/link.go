@@ -17,10 +17,13 @@ package link
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/url"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -89,6 +92,14 @@ type Options struct {
 	OnConnect func(ctx context.Context)
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// TLS is used for ssl://, tls:// and mqtts:// brokers: the
+	// controller's client certificate and the CA of the broker's
+	// certificate (see ClientTLS).
+	TLS *tls.Config
+	// Username and Password are sent in CONNECT when Username is set: the
+	// embedded broker's internal listener admits the controller's link
+	// with them (broker.Broker.InternalCredentials).
+	Username, Password string
 }
 
 // Link is the controller's connection to the broker.
@@ -134,7 +145,11 @@ func New(opts Options) (*Link, error) {
 		return nil, fmt.Errorf("broker URL %q: want a URL such as tcp://127.0.0.1:1883", opts.Broker)
 	}
 	switch u.Scheme {
-	case "tcp", "mqtt", "ssl", "tls", "mqtts", "ws", "wss":
+	case "tcp", "mqtt", "ws":
+		if opts.TLS != nil {
+			return nil, fmt.Errorf("broker URL %q: TLS settings are given but %s:// is not encrypted; use ssl://%s", opts.Broker, u.Scheme, u.Host)
+		}
+	case "ssl", "tls", "mqtts", "wss":
 	default:
 		return nil, fmt.Errorf("broker URL %q: scheme %q is not one of tcp, mqtt, ssl, tls, mqtts, ws, wss", opts.Broker, u.Scheme)
 	}
@@ -204,6 +219,12 @@ func New(opts Options) (*Link, error) {
 			l.connected.Store(false)
 			l.log.Warn("mqtt connection lost; reconnecting", "broker", opts.Broker, "err", err)
 		})
+	if opts.TLS != nil {
+		po.SetTLSConfig(opts.TLS)
+	}
+	if opts.Username != "" {
+		po.SetUsername(opts.Username).SetPassword(opts.Password)
+	}
 	l.client = paho.NewClient(po)
 	return l, nil
 }
@@ -375,4 +396,31 @@ func (l *Link) wait(ctx context.Context, topic string, tok paho.Token, deadline 
 	}
 	l.published.With(string(kind)).Inc()
 	return nil
+}
+
+// ClientTLS loads the controller's TLS client settings for an external
+// broker: its certificate and key (CN edgefleet-controller, from `fleet
+// certs init`), which the broker's ACL grants every topic, and the CA that
+// signed the broker's certificate. An empty caFile trusts the system's CAs.
+func ClientTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if certFile != "" || keyFile != "" {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("client certificate %s / key %s: %w (create them with `fleet certs init`)", certFile, keyFile, err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("broker CA: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("broker CA %s holds no PEM certificate", caFile)
+		}
+		cfg.RootCAs = pool
+	}
+	return cfg, nil
 }

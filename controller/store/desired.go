@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -33,6 +34,33 @@ type DesiredSlot struct {
 	Version string
 	Digest  string
 	Size    int64
+	// RolloutID names the rollout that put this version here; empty for a
+	// plain assignment.
+	RolloutID string
+	// Rollback is set when the slot deliberately goes back to an older
+	// version, which the agent otherwise refuses.
+	Rollback bool
+	// Health bounds the version on the device after it is activated; nil
+	// leaves the agent's defaults.
+	Health *HealthPolicy
+}
+
+// HealthPolicy is how an agent watches a newly activated version (the
+// wire's edgefleet.v1.HealthPolicy, kept here in the store's own terms).
+type HealthPolicy struct {
+	WatchMS         uint32  `json:"watchMs"`
+	MaxErrorRate    float64 `json:"maxErrorRate"`
+	MaxLatencyP99MS uint32  `json:"maxLatencyP99Ms"`
+	MinInferences   uint32  `json:"minInferences"`
+}
+
+// SlotChange changes one slot of one device's desired state.
+type SlotChange struct {
+	DeviceID string
+	Slot     string
+	// Set is what the slot must run from now on; nil removes the slot
+	// from the desired state (the agent then stops its model).
+	Set *DesiredSlot
 }
 
 // BuildFunc fills in d.Doc for a desired state whose generation, issue time
@@ -48,57 +76,157 @@ type BuildFunc func(d *Desired) error
 // devices commit in one transaction, or none does. The error wraps
 // ErrNotFound if a device or the slot's model is unknown.
 func (s *Store) Assign(ctx context.Context, ids []string, slot DesiredSlot, issued time.Time, build BuildFunc) ([]Desired, error) {
-	out := make([]Desired, 0, len(ids))
-	err := s.tx(ctx, func(tx *sql.Tx) error {
-		out = out[:0]
-		for _, id := range ids {
-			var gen, repGen int64
-			err := tx.QueryRowContext(ctx, `SELECT generation, reported_generation FROM devices WHERE id = ?`, id).Scan(&gen, &repGen)
-			if errors.Is(err, sql.ErrNoRows) {
-				return fmt.Errorf("device %q: %w", id, ErrNotFound)
-			}
-			if err != nil {
-				return fmt.Errorf("device %q: %w", id, err)
-			}
-			next := max(gen, repGen) + 1
-			slots, err := desiredSlots(ctx, tx, id)
-			if err != nil {
-				return err
-			}
-			slots = slices.DeleteFunc(slots, func(s DesiredSlot) bool { return s.Slot == slot.Slot })
-			slots = append(slots, slot)
-			slices.SortFunc(slots, func(a, b DesiredSlot) int { return strings.Compare(a.Slot, b.Slot) })
+	changes := make([]SlotChange, len(ids))
+	for i, id := range ids {
+		sl := slot
+		changes[i] = SlotChange{DeviceID: id, Slot: slot.Slot, Set: &sl}
+	}
+	return s.IssueDesired(ctx, changes, issued, build)
+}
 
-			d := Desired{DeviceID: id, Generation: uint64(next), IssuedAt: issued, Slots: slots}
-			if err := build(&d); err != nil {
-				return fmt.Errorf("device %q: build desired state: %w", id, err)
-			}
-			if _, err := tx.ExecContext(ctx, `UPDATE devices SET generation = ? WHERE id = ?`, next, id); err != nil {
-				return fmt.Errorf("device %q: %w", id, err)
-			}
-			if _, err := tx.ExecContext(ctx, `
-				INSERT INTO desired_slots (device_id, slot, model_name, model_version, digest, size) VALUES (?, ?, ?, ?, ?, ?)
-				ON CONFLICT (device_id, slot) DO UPDATE SET model_name = excluded.model_name,
-					model_version = excluded.model_version, digest = excluded.digest, size = excluded.size`,
-				id, slot.Slot, slot.Model, slot.Version, slot.Digest, slot.Size); err != nil {
-				if isForeignKey(err) {
-					return fmt.Errorf("model %s@%s: %w", slot.Model, slot.Version, ErrNotFound)
-				}
-				return fmt.Errorf("device %q: store slot %s: %w", id, slot.Slot, err)
-			}
-			if _, err := tx.ExecContext(ctx, `
-				INSERT INTO desired_states (device_id, generation, issued_ms, doc, published) VALUES (?, ?, ?, ?, 0)
-				ON CONFLICT (device_id) DO UPDATE SET generation = excluded.generation, issued_ms = excluded.issued_ms,
-					doc = excluded.doc, published = 0`,
-				id, next, ms(issued), d.Doc); err != nil {
-				return fmt.Errorf("device %q: store desired state: %w", id, err)
-			}
-			out = append(out, d)
-		}
-		return nil
+// IssueDesired applies slot changes to desired states the way Assign does,
+// one new generation per device however many of its slots change, in one
+// transaction. Devices come out in the order they first appear in changes.
+func (s *Store) IssueDesired(ctx context.Context, changes []SlotChange, issued time.Time, build BuildFunc) ([]Desired, error) {
+	var out []Desired
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		var err error
+		out, err = issueDesired(ctx, tx, changes, issued, build)
+		return err
 	})
 	if err != nil {
 		return nil, err
+	}
+	return out, nil
+}
+
+func issueDesired(ctx context.Context, tx *sql.Tx, changes []SlotChange, issued time.Time, build BuildFunc) ([]Desired, error) {
+	if len(changes) == 0 {
+		return nil, nil
+	}
+	var order []string
+	byDevice := map[string][]SlotChange{}
+	models := map[[2]string]bool{}
+	for _, c := range changes {
+		if _, ok := byDevice[c.DeviceID]; !ok {
+			order = append(order, c.DeviceID)
+		}
+		byDevice[c.DeviceID] = append(byDevice[c.DeviceID], c)
+		if c.Set != nil {
+			models[[2]string{c.Set.Model, c.Set.Version}] = true
+		}
+	}
+	// Unknown models are named here; the foreign key would only say that
+	// one of thousands of rows is wrong.
+	for m := range models {
+		var one int
+		err := tx.QueryRowContext(ctx, `SELECT 1 FROM models WHERE name = ? AND version = ?`, m[0], m[1]).Scan(&one)
+		if errors.Is(err, sql.ErrNoRows) {
+			return nil, fmt.Errorf("model %s@%s: %w", m[0], m[1], ErrNotFound)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("model %s@%s: %w", m[0], m[1], err)
+		}
+	}
+
+	// Read every device's generations and slots in a few queries.
+	type gens struct{ gen, reported int64 }
+	known := make(map[string]gens, len(order))
+	err := queryIn(ctx, tx, `SELECT id, generation, reported_generation FROM devices WHERE id IN (`, nil, order, func(rows *sql.Rows) error {
+		var id string
+		var g gens
+		if err := rows.Scan(&id, &g.gen, &g.reported); err != nil {
+			return err
+		}
+		known[id] = g
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read devices: %w", err)
+	}
+	slotsOf := make(map[string][]DesiredSlot, len(order))
+	memo := map[string]*HealthPolicy{}
+	err = queryIn(ctx, tx, `SELECT device_id, `+desiredSlotColumns+` FROM desired_slots WHERE device_id IN (`, nil, order, func(rows *sql.Rows) error {
+		var id string
+		sl, err := scanDesiredSlotMemo(rows, memo, &id)
+		if err != nil {
+			return err
+		}
+		slotsOf[id] = append(slotsOf[id], sl)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read desired slots: %w", err)
+	}
+
+	out := make([]Desired, 0, len(order))
+	var slotRows, genRows, docRows [][]any
+	var removed [][2]string
+	healthText := map[*HealthPolicy]string{}
+	for _, id := range order {
+		g, ok := known[id]
+		if !ok {
+			return nil, fmt.Errorf("device %q: %w", id, ErrNotFound)
+		}
+		next := max(g.gen, g.reported) + 1
+		slots := slotsOf[id]
+		for _, c := range byDevice[id] {
+			slots = slices.DeleteFunc(slots, func(s DesiredSlot) bool { return s.Slot == c.Slot })
+			if c.Set == nil {
+				removed = append(removed, [2]string{id, c.Slot})
+				continue
+			}
+			sl := *c.Set
+			sl.Slot = c.Slot
+			slots = append(slots, sl)
+			health, ok := healthText[sl.Health]
+			if !ok {
+				var err error
+				if health, err = encodeHealth(sl.Health); err != nil {
+					return nil, fmt.Errorf("device %q: slot %s: %w", id, sl.Slot, err)
+				}
+				healthText[sl.Health] = health
+			}
+			slotRows = append(slotRows, []any{id, sl.Slot, sl.Model, sl.Version, sl.Digest, sl.Size, sl.RolloutID, sl.Rollback, health})
+		}
+		slices.SortFunc(slots, func(a, b DesiredSlot) int { return strings.Compare(a.Slot, b.Slot) })
+		d := Desired{DeviceID: id, Generation: uint64(next), IssuedAt: issued, Slots: slots}
+		if err := build(&d); err != nil {
+			return nil, fmt.Errorf("device %q: build desired state: %w", id, err)
+		}
+		genRows = append(genRows, []any{id, next})
+		docRows = append(docRows, []any{id, next, ms(issued), d.Doc, 0})
+		out = append(out, d)
+	}
+
+	for _, r := range removed {
+		if _, err := tx.ExecContext(ctx, `DELETE FROM desired_slots WHERE device_id = ? AND slot = ?`, r[0], r[1]); err != nil {
+			return nil, fmt.Errorf("device %q: remove slot %s: %w", r[0], r[1], err)
+		}
+	}
+	writes := []struct {
+		what string
+		b    *bulk
+		rows [][]any
+	}{
+		{"desired slots", newBulk(tx, `INSERT INTO desired_slots (device_id, slot, model_name, model_version, digest, size, rollout_id, rollback, health) VALUES`, 9,
+			`ON CONFLICT (device_id, slot) DO UPDATE SET model_name = excluded.model_name,
+				model_version = excluded.model_version, digest = excluded.digest, size = excluded.size,
+				rollout_id = excluded.rollout_id, rollback = excluded.rollback, health = excluded.health`), slotRows},
+		{"generations", newBulk(tx, `WITH v(id, gen) AS (VALUES`, 2, `) UPDATE devices SET generation = v.gen FROM v WHERE devices.id = v.id`), genRows},
+		{"desired states", newBulk(tx, `INSERT INTO desired_states (device_id, generation, issued_ms, doc, published) VALUES`, 5,
+			`ON CONFLICT (device_id) DO UPDATE SET generation = excluded.generation, issued_ms = excluded.issued_ms,
+				doc = excluded.doc, published = 0`), docRows},
+	}
+	for _, w := range writes {
+		err := w.b.exec(ctx, w.rows)
+		w.b.close()
+		if err != nil {
+			if isForeignKey(err) {
+				return nil, fmt.Errorf("store %s: a model is not stored: %w", w.what, ErrNotFound)
+			}
+			return nil, fmt.Errorf("store %s: %w", w.what, err)
+		}
 	}
 	return out, nil
 }
@@ -107,21 +235,63 @@ func isForeignKey(err error) bool {
 	return err != nil && strings.Contains(err.Error(), "FOREIGN KEY constraint failed")
 }
 
-func desiredSlots(ctx context.Context, tx *sql.Tx, id string) ([]DesiredSlot, error) {
-	rows, err := tx.QueryContext(ctx, `SELECT slot, model_name, model_version, digest, size FROM desired_slots WHERE device_id = ? ORDER BY slot`, id)
+const desiredSlotColumns = `slot, model_name, model_version, digest, size, rollout_id, rollback, health`
+
+func scanDesiredSlot(row interface{ Scan(...any) error }, extra ...any) (DesiredSlot, error) {
+	return scanDesiredSlotMemo(row, nil, extra...)
+}
+
+// scanDesiredSlotMemo is scanDesiredSlot sharing decoded health policies
+// through memo (by their text): a wave's thousands of slots carry one.
+func scanDesiredSlotMemo(row interface{ Scan(...any) error }, memo map[string]*HealthPolicy, extra ...any) (DesiredSlot, error) {
+	var sl DesiredSlot
+	var health string
+	dst := append(extra, &sl.Slot, &sl.Model, &sl.Version, &sl.Digest, &sl.Size, &sl.RolloutID, &sl.Rollback, &health)
+	if err := row.Scan(dst...); err != nil {
+		return DesiredSlot{}, err
+	}
+	if health == "" {
+		return sl, nil
+	}
+	if h, ok := memo[health]; ok {
+		sl.Health = h
+		return sl, nil
+	}
+	sl.Health = new(HealthPolicy)
+	if err := json.Unmarshal([]byte(health), sl.Health); err != nil {
+		return DesiredSlot{}, fmt.Errorf("slot %s: stored health policy: %w", sl.Slot, err)
+	}
+	if memo != nil {
+		memo[health] = sl.Health
+	}
+	return sl, nil
+}
+
+func scanDesiredSlots(rows *sql.Rows, err error) ([]DesiredSlot, error) {
 	if err != nil {
-		return nil, fmt.Errorf("device %q: load desired slots: %w", id, err)
+		return nil, err
 	}
 	defer rows.Close()
 	var out []DesiredSlot
 	for rows.Next() {
-		var sl DesiredSlot
-		if err := rows.Scan(&sl.Slot, &sl.Model, &sl.Version, &sl.Digest, &sl.Size); err != nil {
-			return nil, fmt.Errorf("device %q: load desired slots: %w", id, err)
+		sl, err := scanDesiredSlot(rows)
+		if err != nil {
+			return nil, err
 		}
 		out = append(out, sl)
 	}
 	return out, rows.Err()
+}
+
+func encodeHealth(h *HealthPolicy) (string, error) {
+	if h == nil {
+		return "", nil
+	}
+	b, err := json.Marshal(h)
+	if err != nil {
+		return "", fmt.Errorf("encode health policy: %w", err)
+	}
+	return string(b), nil
 }
 
 // DesiredState returns the current desired state of a device. The error
@@ -140,11 +310,33 @@ func (s *Store) DesiredState(ctx context.Context, id string) (Desired, error) {
 // MarkPublished records that generation gen of a device's desired state
 // reached the broker. A newer generation stored meanwhile stays unpublished.
 func (s *Store) MarkPublished(ctx context.Context, id string, gen uint64) error {
-	_, err := s.db.ExecContext(ctx, `UPDATE desired_states SET published = 1 WHERE device_id = ? AND generation = ?`, id, int64(gen))
-	if err != nil {
-		return fmt.Errorf("device %q: mark generation %d published: %w", id, gen, err)
+	return s.MarkPublishedAll(ctx, []Published{{DeviceID: id, Generation: gen}})
+}
+
+// Published names one desired-state generation the broker acknowledged.
+type Published struct {
+	DeviceID   string
+	Generation uint64
+}
+
+// MarkPublishedAll is MarkPublished for many documents in one transaction.
+func (s *Store) MarkPublishedAll(ctx context.Context, docs []Published) error {
+	if len(docs) == 0 {
+		return nil
 	}
-	return nil
+	return s.tx(ctx, func(tx *sql.Tx) error {
+		stmt, err := tx.PrepareContext(ctx, `UPDATE desired_states SET published = 1 WHERE device_id = ? AND generation = ?`)
+		if err != nil {
+			return err
+		}
+		defer stmt.Close()
+		for _, p := range docs {
+			if _, err := stmt.ExecContext(ctx, p.DeviceID, int64(p.Generation)); err != nil {
+				return fmt.Errorf("device %q: mark generation %d published: %w", p.DeviceID, p.Generation, err)
+			}
+		}
+		return nil
+	})
 }
 
 // UnpublishedDesired returns the desired states the broker has not

@@ -114,24 +114,26 @@ func (s *Store) applyReport(ctx context.Context, tx *sql.Tx, id string, r *Repor
 // labels, agent version and platform, marks it online, and stores the state
 // the hello carried.
 func (s *Store) UpsertHello(ctx context.Context, h Hello) error {
+	return s.tx(ctx, func(tx *sql.Tx) error { return s.upsertHello(ctx, tx, h) })
+}
+
+func (s *Store) upsertHello(ctx context.Context, tx *sql.Tx, h Hello) error {
 	labels, err := json.Marshal(nonNil(h.Labels))
 	if err != nil {
 		return fmt.Errorf("device %s: labels: %w", h.ID, err)
 	}
-	return s.tx(ctx, func(tx *sql.Tx) error {
-		if err := s.ensureDevice(ctx, tx, h.ID, h.At); err != nil {
-			return err
-		}
-		if _, err := tx.ExecContext(ctx, `
-			UPDATE devices SET labels = ?, agent_version = ?, os = ?, arch = ?, online = 1 WHERE id = ?`,
-			string(labels), h.AgentVersion, h.OS, h.Arch, h.ID); err != nil {
-			return fmt.Errorf("device %s: update from hello: %w", h.ID, err)
-		}
-		if h.Report != nil {
-			return s.applyReport(ctx, tx, h.ID, h.Report)
-		}
-		return nil
-	})
+	if err := s.ensureDevice(ctx, tx, h.ID, h.At); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `
+		UPDATE devices SET labels = ?, agent_version = ?, os = ?, arch = ?, online = 1 WHERE id = ?`,
+		string(labels), h.AgentVersion, h.OS, h.Arch, h.ID); err != nil {
+		return fmt.Errorf("device %s: update from hello: %w", h.ID, err)
+	}
+	if h.Report != nil {
+		return s.applyReport(ctx, tx, h.ID, h.Report)
+	}
+	return nil
 }
 
 // UpdateReport stores a device's reported state.
@@ -294,14 +296,14 @@ func (s *Store) fillDetails(ctx context.Context, devs []*Device, where string, a
 		return fmt.Errorf("load desired states: %w", err)
 	}
 
-	rows, err = s.db.QueryContext(ctx, `SELECT device_id, slot, model_name, model_version, digest, size FROM desired_slots `+where+` ORDER BY device_id, slot`, args...)
+	rows, err = s.db.QueryContext(ctx, `SELECT device_id, `+desiredSlotColumns+` FROM desired_slots `+where+` ORDER BY device_id, slot`, args...)
 	if err != nil {
 		return fmt.Errorf("load desired slots: %w", err)
 	}
 	for rows.Next() {
 		var id string
-		var sl DesiredSlot
-		if err := rows.Scan(&id, &sl.Slot, &sl.Model, &sl.Version, &sl.Digest, &sl.Size); err != nil {
+		sl, err := scanDesiredSlot(rows, &id)
+		if err != nil {
 			rows.Close()
 			return fmt.Errorf("load desired slots: %w", err)
 		}

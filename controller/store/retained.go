@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"database/sql"
 	"fmt"
 	"time"
 )
@@ -25,6 +26,39 @@ func (s *Store) SaveRetained(ctx context.Context, m RetainedMessage) error {
 		return fmt.Errorf("save retained message of %s: %w", m.Topic, err)
 	}
 	return nil
+}
+
+// ApplyRetained saves (or, for an empty payload, deletes) many retained
+// messages in one transaction, in order.
+func (s *Store) ApplyRetained(ctx context.Context, msgs []RetainedMessage) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	return s.tx(ctx, func(tx *sql.Tx) error {
+		save, err := tx.PrepareContext(ctx, `
+			INSERT INTO mqtt_retained (topic, payload, qos, created_ms) VALUES (?, ?, ?, ?)
+			ON CONFLICT (topic) DO UPDATE SET payload = excluded.payload, qos = excluded.qos, created_ms = excluded.created_ms`)
+		if err != nil {
+			return err
+		}
+		defer save.Close()
+		del, err := tx.PrepareContext(ctx, `DELETE FROM mqtt_retained WHERE topic = ?`)
+		if err != nil {
+			return err
+		}
+		defer del.Close()
+		for _, m := range msgs {
+			if len(m.Payload) == 0 {
+				_, err = del.ExecContext(ctx, m.Topic)
+			} else {
+				_, err = save.ExecContext(ctx, m.Topic, m.Payload, int(m.QoS), ms(m.Created))
+			}
+			if err != nil {
+				return fmt.Errorf("retained message of %s: %w", m.Topic, err)
+			}
+		}
+		return nil
+	})
 }
 
 // DeleteRetained forgets the retained message of a topic.

@@ -1,8 +1,9 @@
 // Package store keeps the controller's state in SQLite (modernc.org/sqlite,
 // pure Go): devices and what they report, models, each device's desired
 // state and its generation counter, telemetry records deduplicated by
-// (device, spool epoch, seq), deployment events, and the broker's retained
-// desired-state messages.
+// (device, spool epoch, seq), deployment events, the broker's retained
+// desired-state messages, staged rollouts with every device's step,
+// operator API tokens (only their SHA-256) and the append-only audit log.
 //
 // The database runs in WAL mode with synchronous=FULL: the controller acks
 // telemetry only after a commit, and the agent deletes what was acked, so a
@@ -61,6 +62,10 @@ func Open(ctx context.Context, path string, opts ...Option) (*Store, error) {
 	q.Set("_foreign_keys", "1")
 	q.Set("_synchronous", "FULL")
 	q.Set("_txlock", "immediate")
+	// A rollout wave touches thousands of rows of several tables and
+	// indexes in one transaction; SQLite's default 2 MB page cache would
+	// read many of them back from the file.
+	q.Add("_pragma", "cache_size(-65536)")
 	dsn := "file:" + path + "?" + q.Encode()
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
@@ -177,6 +182,107 @@ CREATE TABLE mqtt_retained (
 	qos        INTEGER NOT NULL,
 	created_ms INTEGER NOT NULL
 );
+`,
+	// 2: staged rollouts. Desired slots remember the rollout that set
+	// them, whether they roll back, and the health policy, so a later
+	// change to another slot of the device re-issues them unchanged.
+	`
+ALTER TABLE desired_slots ADD COLUMN rollout_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE desired_slots ADD COLUMN rollback INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE desired_slots ADD COLUMN health TEXT NOT NULL DEFAULT '';
+
+-- Gates read one model version's inferences over a time window.
+CREATE INDEX telemetry_by_version ON telemetry (model, version, at_ms) WHERE kind = 'inference';
+-- A restarted controller replays the events of its open rollouts.
+CREATE INDEX events_by_rollout ON events (rollout_id, id);
+
+CREATE TABLE rollouts (
+	id          TEXT PRIMARY KEY,
+	spec        TEXT NOT NULL,
+	slot        TEXT NOT NULL,
+	model       TEXT NOT NULL,
+	version     TEXT NOT NULL,
+	phase       TEXT NOT NULL,
+	wave        INTEGER NOT NULL DEFAULT 0,
+	reason      TEXT NOT NULL DEFAULT '',
+	targets     INTEGER NOT NULL DEFAULT 0,
+	open        INTEGER NOT NULL DEFAULT 1,
+	revision    INTEGER NOT NULL,
+	created_ms  INTEGER NOT NULL,
+	updated_ms  INTEGER NOT NULL,
+	finished_ms INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE rollout_waves (
+	rollout_id  TEXT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+	idx         INTEGER NOT NULL,
+	spec_idx    INTEGER NOT NULL,
+	size        INTEGER NOT NULL,
+	state       TEXT NOT NULL,
+	approved    INTEGER NOT NULL DEFAULT 0,
+	override    INTEGER NOT NULL DEFAULT 0,
+	started_ms  INTEGER NOT NULL DEFAULT 0,
+	finished_ms INTEGER NOT NULL DEFAULT 0,
+	verdicts    TEXT NOT NULL DEFAULT '',
+	PRIMARY KEY (rollout_id, idx)
+) WITHOUT ROWID;
+
+CREATE TABLE rollout_devices (
+	rollout_id   TEXT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+	device_id    TEXT NOT NULL,
+	wave         INTEGER NOT NULL,
+	ord          INTEGER NOT NULL,
+	stratum      TEXT NOT NULL DEFAULT '',
+	step         TEXT NOT NULL,
+	step_ms      INTEGER NOT NULL DEFAULT 0,
+	deadline_ms  INTEGER NOT NULL DEFAULT 0,
+	activated_ms INTEGER NOT NULL DEFAULT 0,
+	generation   INTEGER NOT NULL DEFAULT 0,
+	prev_model   TEXT NOT NULL DEFAULT '',
+	prev_version TEXT NOT NULL DEFAULT '',
+	prev_digest  TEXT NOT NULL DEFAULT '',
+	prev_size    INTEGER NOT NULL DEFAULT 0,
+	failure      TEXT NOT NULL DEFAULT '',
+	detail       TEXT NOT NULL DEFAULT '',
+	PRIMARY KEY (rollout_id, device_id)
+) WITHOUT ROWID;
+CREATE INDEX rollout_devices_by_device ON rollout_devices (device_id);
+
+CREATE TABLE rollout_history (
+	id         INTEGER PRIMARY KEY AUTOINCREMENT,
+	rollout_id TEXT NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+	at_ms      INTEGER NOT NULL,
+	message    TEXT NOT NULL
+);
+CREATE INDEX rollout_history_by_rollout ON rollout_history (rollout_id, id);
+`,
+	// 3: operator API tokens (only their SHA-256 is stored) and the
+	// append-only audit log of every change made through the API.
+	`
+CREATE TABLE api_tokens (
+	name       TEXT PRIMARY KEY,
+	role       TEXT NOT NULL,
+	hash       TEXT NOT NULL UNIQUE,
+	created_by TEXT NOT NULL DEFAULT '',
+	created_ms INTEGER NOT NULL,
+	revoked_ms INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TABLE audit_log (
+	id     INTEGER PRIMARY KEY AUTOINCREMENT,
+	at_ms  INTEGER NOT NULL,
+	who    TEXT NOT NULL,
+	role   TEXT NOT NULL,
+	action TEXT NOT NULL,
+	target TEXT NOT NULL,
+	status INTEGER NOT NULL,
+	result TEXT NOT NULL
+);
+CREATE INDEX audit_log_by_who ON audit_log (who, id);
+CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+	BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+	BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 `,
 }
 

@@ -50,7 +50,12 @@ func (s *Store) StoreTelemetry(ctx context.Context, id, epoch string, seen time.
 		if err := s.ensureDevice(ctx, tx, id, seen); err != nil {
 			return err
 		}
-		stmt, err := tx.PrepareContext(ctx, `
+		// Rows go in without the caller's cancellation: with a cancellable
+		// context the driver starts a watcher goroutine per statement,
+		// which costs more than the insert. The transaction still ends
+		// with ctx (BeginTx watches it).
+		rowCtx := context.WithoutCancel(ctx)
+		stmt, err := tx.PrepareContext(rowCtx, `
 			INSERT OR IGNORE INTO telemetry (device_id, spool_epoch, seq, kind, model, version, at_ms, latency_us, error, received_ms)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
 		if err != nil {
@@ -62,7 +67,7 @@ func (s *Store) StoreTelemetry(ctx context.Context, id, epoch string, seen time.
 		for _, r := range recs {
 			// Sequence numbers are stored as SQLite's signed 64-bit
 			// integers; the conversion is reversible.
-			out, err := stmt.ExecContext(ctx, id, epoch, int64(r.Seq), r.Kind, r.Model, r.Version, ms(r.At), r.LatencyUS, r.Error, now)
+			out, err := stmt.ExecContext(rowCtx, id, epoch, int64(r.Seq), r.Kind, r.Model, r.Version, ms(r.At), r.LatencyUS, r.Error, now)
 			if err != nil {
 				return fmt.Errorf("device %s: store telemetry seq %d: %w", id, r.Seq, err)
 			}

@@ -23,9 +23,14 @@ import (
 // MQTT client; broker ACLs grant it every device's tree.
 const ControllerCN = "edgefleet-controller"
 
+// BrokerCN is the common name of an external broker's server certificate
+// (`fleet certs broker`). It is a server certificate only: a broker that
+// is broken into must not hold a key that could pose as the controller.
+const BrokerCN = "edgefleet-broker"
+
 func runCerts(_ context.Context, e *exec, args []string) error {
 	if len(args) == 0 {
-		return usageErr("want: fleet certs init [--dir DIR] [--host H]... | fleet certs device ID [--dir DIR]")
+		return usageErr("want: fleet certs init [--dir DIR] [--host H]... | fleet certs device ID [--dir DIR] | fleet certs broker --host H... [--dir DIR]")
 	}
 	var g globals
 	fs := newFlags(e, "certs "+args[0], &g)
@@ -50,9 +55,20 @@ func runCerts(_ context.Context, e *exec, args []string) error {
 		if err := wire.ValidateDeviceID(pos[0]); err != nil {
 			return err
 		}
+		if pos[0] == ControllerCN || pos[0] == BrokerCN {
+			return fmt.Errorf("%q is reserved for the controller and the broker; a device with that id would be granted their access", pos[0])
+		}
 		return certsIssue(e, *dir, pos[0], nil, *validity, filepath.Join("devices", pos[0]))
+	case "broker":
+		if len(pos) != 0 {
+			return usageErr("certs broker takes no arguments; name the broker's hosts with --host")
+		}
+		if len(hosts) == 0 {
+			return usageErr("certs broker needs at least one --host: the DNS name or IP devices and the controller dial")
+		}
+		return certsIssueServer(e, *dir, BrokerCN, hosts, *validity, "broker")
 	}
-	return usageErr("unknown certs subcommand %q: want init or device", args[0])
+	return usageErr("unknown certs subcommand %q: want init, device or broker", args[0])
 }
 
 type multiFlag []string
@@ -96,9 +112,23 @@ func certsInit(e *exec, dir string, hosts []string, validity time.Duration) erro
 	return certsIssue(e, dir, ControllerCN, append([]string{"127.0.0.1", "localhost"}, hosts...), validity, "controller")
 }
 
+// certsIssueServer signs a server-only certificate for an external
+// broker (Mosquitto's certfile/keyfile).
+func certsIssueServer(e *exec, dir, cn string, hosts []string, validity time.Duration, name string) error {
+	return issue(e, dir, cn, hosts, validity, name, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth})
+}
+
 // certsIssue signs a certificate for cn with the CA in dir. With hosts it
 // is a server certificate too.
 func certsIssue(e *exec, dir, cn string, hosts []string, validity time.Duration, name string) error {
+	usage := []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+	if len(hosts) > 0 {
+		usage = append(usage, x509.ExtKeyUsageServerAuth)
+	}
+	return issue(e, dir, cn, hosts, validity, name, usage)
+}
+
+func issue(e *exec, dir, cn string, hosts []string, validity time.Duration, name string, usage []x509.ExtKeyUsage) error {
 	ca, caKey, err := loadCA(dir)
 	if err != nil {
 		return err
@@ -118,7 +148,7 @@ func certsIssue(e *exec, dir, cn string, hosts []string, validity time.Duration,
 		NotBefore:    now.Add(-time.Hour),
 		NotAfter:     now.Add(validity),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		ExtKeyUsage:  usage,
 	}
 	for _, h := range hosts {
 		if ip := net.ParseIP(h); ip != nil {
@@ -126,9 +156,6 @@ func certsIssue(e *exec, dir, cn string, hosts []string, validity time.Duration,
 		} else {
 			tmpl.DNSNames = append(tmpl.DNSNames, h)
 		}
-	}
-	if len(hosts) > 0 {
-		tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageServerAuth)
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
 	if err != nil {

@@ -65,8 +65,12 @@ func init() {
 		{"device", "ID", "show one device: what it runs, since when, online, health, buffer, last events", runDevice},
 		{"model", "build|push|list ...", "build a bundle, upload it, list uploaded models", runModel},
 		{"assign", "MODEL@VERSION -l SELECTOR [--slot SLOT]", "put a model version on every device the selector matches", runAssign},
+		{"rollout", rolloutUsage, "staged rollouts: create, list, get, watch live, pause, resume, approve, abort, rollback", runRollout},
+		{"sim", simUsage, "run N simulated devices (real agent code) against the controller", runSim},
 		{"keys", "init [--dir DIR]", "create the release key pair that signs model bundles", runKeys},
-		{"certs", "init|device ID [--dir DIR]", "create the fleet CA, the controller's and devices' TLS certificates", runCerts},
+		{"certs", "init|device ID|broker [--dir DIR]", "create the fleet CA, the controller's and devices' TLS certificates", runCerts},
+		{"token", "create --name N --role R | list | revoke NAME", "manage API tokens (needs an admin token)", runToken},
+		{"audit", "[--who NAME] [--limit N]", "show the audit log of changes, newest first", runAudit},
 	}
 }
 

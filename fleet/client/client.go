@@ -27,6 +27,8 @@ type Client struct {
 	base  string
 	token string
 	http  *http.Client
+	// stream has no overall timeout, for event streams.
+	stream *http.Client
 }
 
 // New returns a client for the controller at baseURL. token, when set, is
@@ -36,7 +38,7 @@ func New(baseURL, token string) (*Client, error) {
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return nil, fmt.Errorf("controller URL %q: want http://host:port or https://host:port", baseURL)
 	}
-	return &Client{base: strings.TrimRight(baseURL, "/"), token: token, http: &http.Client{Timeout: 60 * time.Second}}, nil
+	return &Client{base: strings.TrimRight(baseURL, "/"), token: token, http: &http.Client{Timeout: 60 * time.Second}, stream: &http.Client{}}, nil
 }
 
 // APIError is an error answer of the controller.

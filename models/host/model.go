@@ -363,6 +363,9 @@ func (m *Model) ReleaseIdle(ctx context.Context, keep int) int {
 	var extra []*instance
 	if len(m.idle) > keep {
 		extra = append(extra, m.idle[keep:]...)
+		// Clear the tail too: the array would keep the closed instances,
+		// and their memories, reachable.
+		clear(m.idle[keep:])
 		m.idle = m.idle[:keep]
 	}
 	m.mu.Unlock()
@@ -476,6 +479,7 @@ func (m *Model) get(ctx context.Context) (*instance, error) {
 	}
 	if n := len(m.idle); n > 0 {
 		inst := m.idle[n-1]
+		m.idle[n-1] = nil
 		m.idle = m.idle[:n-1]
 		m.mu.Unlock()
 		return inst, nil

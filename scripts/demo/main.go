@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 	"syscall"
 	"text/tabwriter"
@@ -92,9 +93,20 @@ func run(ctx context.Context, bin, models, data string) error {
 		return err
 	}
 
+	// Trust: a release key made as an operator would (`fleet keys init`),
+	// and the director key the controller made on its first start; the
+	// agents trust both and nothing else.
+	keys := filepath.Join(data, "keys")
+	if _, err := os.Stat(filepath.Join(keys, "release.key")); errors.Is(err, os.ErrNotExist) {
+		if err := fleet("keys", "init", "--dir", keys); err != nil {
+			return err
+		}
+	}
+	releasePub, directorPub := filepath.Join(keys, "release.pub"), filepath.Join(data, "controller", "keys", "director.pub")
 	for _, a := range agents {
 		args := []string{"--id", a.id, "--data", filepath.Join(data, "agents", a.id), "--listen", a.listen,
-			"--broker", "tcp://" + mqttAddr, "--controller", "http://" + httpAddr}
+			"--broker", "tcp://" + mqttAddr, "--controller", "http://" + httpAddr,
+			"--release-key", releasePub, "--director-key", directorPub}
 		for _, l := range a.labels {
 			args = append(args, "--label", l)
 		}
@@ -111,7 +123,15 @@ func run(ctx context.Context, bin, models, data string) error {
 		}
 	}
 
-	c, err := client.New("http://"+httpAddr, "")
+	// The controller wrote its first admin token on first start; the demo
+	// is that operator.
+	tokenFile := filepath.Join(data, "controller", "admin.token")
+	token, err := os.ReadFile(tokenFile)
+	if err != nil {
+		return fmt.Errorf("read the controller's admin token: %w (remove %s to start the demo afresh)", err, data)
+	}
+	step("using the admin API token from %s (fleet CLI: export EDGEFLEET_TOKEN=$(cat %s))", tokenFile, tokenFile)
+	c, err := client.New("http://"+httpAddr, strings.TrimSpace(string(token)))
 	if err != nil {
 		return err
 	}
@@ -120,10 +140,17 @@ func run(ctx context.Context, bin, models, data string) error {
 	}
 
 	for _, v := range []string{"1.0.0", "1.1.0"} {
-		path := filepath.Join(models, "grid-anomaly-"+v+".bundle")
+		src := filepath.Join(models, "grid-anomaly-"+v+".bundle")
+		if _, err := os.Stat(src); err != nil {
+			return fmt.Errorf("%w (run `make models` first)", err)
+		}
+		path := filepath.Join(data, "signed-grid-anomaly-"+v+".bundle")
+		if err := fleet("model", "sign", "--key", filepath.Join(keys, "release.key"), "--out", path, src); err != nil {
+			return err
+		}
 		b, err := os.ReadFile(path)
 		if err != nil {
-			return fmt.Errorf("%w (run `make models` first)", err)
+			return err
 		}
 		m, err := c.PushModel(ctx, b)
 		if err != nil {
@@ -175,6 +202,16 @@ func run(ctx context.Context, bin, models, data string) error {
 	}
 	step("all phases done; inferences keep flowing. Ctrl-C stops the fleet.")
 	return sleep(ctx, 365*24*time.Hour, c, &served, &failed)
+}
+
+// fleet runs the fleet CLI in-process, as an operator would run it.
+func fleet(args ...string) error {
+	step("fleet %s", strings.Join(args, " "))
+	var stderr bytes.Buffer
+	if code := cli.Main(args, os.Stdout, &stderr); code != 0 {
+		return fmt.Errorf("fleet %s: %s", strings.Join(args, " "), strings.TrimSpace(stderr.String()))
+	}
+	return nil
 }
 
 func step(format string, a ...any) {

@@ -65,6 +65,10 @@ type fleet struct {
 	agents  map[string]*proc.Process
 	listens map[string]string
 	client  *client.Client
+	// token is the controller's first admin token (DATA/admin.token).
+	token string
+	// agentFlags, when set, adds flags to each agent's command line (TLS).
+	agentFlags func(id string) []string
 }
 
 func port(t *testing.T) int {
@@ -77,8 +81,9 @@ func port(t *testing.T) int {
 }
 
 // startController starts fleet-controller; with external == "" it runs its
-// embedded broker, else it uses the broker at that URL.
-func startController(t *testing.T, external string) *fleet {
+// embedded broker, else it uses the broker at that URL. extra flags go to
+// the controller as they are.
+func startController(t *testing.T, external string, extra ...string) *fleet {
 	t.Helper()
 	buildBinaries(t)
 	f := &fleet{t: t, dir: t.TempDir(), agents: map[string]*proc.Process{}, listens: map[string]string{}}
@@ -93,6 +98,7 @@ func startController(t *testing.T, external string) *fleet {
 		f.broker = external
 		args = append(args, "--broker", external)
 	}
+	args = append(args, extra...)
 	p, err := proc.Start("fleet-controller", filepath.Join(f.dir, "controller.log"), filepath.Join(binDir, "fleet-controller"), args...)
 	if err != nil {
 		t.Fatal(err)
@@ -104,7 +110,13 @@ func startController(t *testing.T, external string) *fleet {
 	if err := p.WaitHTTP(ctx, f.api+"/healthz"); err != nil {
 		t.Fatal(err, "\n", f.logTail("controller.log"))
 	}
-	if f.client, err = client.New(f.api, ""); err != nil {
+	// A new controller writes its first admin token; the tests act with it.
+	tok, err := os.ReadFile(filepath.Join(f.dir, "controller", "admin.token"))
+	if err != nil {
+		t.Fatalf("the controller wrote no admin token: %v\n%s", err, f.logTail("controller.log"))
+	}
+	f.token = strings.TrimSpace(string(tok))
+	if f.client, err = client.New(f.api, f.token); err != nil {
 		t.Fatal(err)
 	}
 	return f
@@ -116,6 +128,9 @@ func (f *fleet) startAgent(id string, labels ...string) {
 	args := []string{"--id", id, "--data", filepath.Join(f.dir, id), "--listen", listen, "--broker", f.broker, "--controller", f.api}
 	for _, l := range labels {
 		args = append(args, "--label", l)
+	}
+	if f.agentFlags != nil {
+		args = append(args, f.agentFlags(id)...)
 	}
 	p, err := proc.Start(id, filepath.Join(f.dir, id+".log"), filepath.Join(binDir, "fleet-agent"), args...)
 	if err != nil {
@@ -222,6 +237,20 @@ func (f *fleet) infer(id string, rows int) string {
 	return out.ModelVersion
 }
 
+// fleetCLI runs the real fleet binary against this controller and returns
+// its standard output; a non-zero exit fails the test.
+func (f *fleet) fleetCLI(args ...string) string {
+	f.t.Helper()
+	cmd := exec.Command(filepath.Join(binDir, "fleet"), args...)
+	cmd.Env = append(os.Environ(), "EDGEFLEET_CONTROLLER="+f.api, "EDGEFLEET_TOKEN="+f.token)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		f.t.Fatalf("fleet %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
+	}
+	return stdout.String()
+}
+
 // pushExample builds the example model at version from source and pushes it.
 func (f *fleet) pushExample(version string) *client.Model {
 	f.t.Helper()
@@ -269,8 +298,15 @@ func runSkeleton(t *testing.T, f *fleet) {
 		t.Fatalf("selector region=eu,hw in (jetson) matched %v", ds)
 	}
 
+	// 1.0.0 goes through the API client, 1.1.0 through the fleet CLI.
 	f.pushExample("1.0.0")
-	f.pushExample("1.1.0")
+	bundlePath := filepath.Join(f.dir, "grid-anomaly-1.1.0.bundle")
+	if err := os.WriteFile(bundlePath, modeltest.BuildExample(t, "grid-anomaly", "1.1.0"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out := f.fleetCLI("model", "push", bundlePath); !strings.Contains(out, "pushed grid-anomaly@1.1.0") {
+		t.Fatalf("fleet model push printed %q", out)
+	}
 	ctx := context.Background()
 	ids, err := f.client.Assign(ctx, client.Assignment{Model: "grid-anomaly", Version: "1.0.0", Selector: "region in (eu,us)"})
 	if err != nil || len(ids) != 2 {
@@ -279,10 +315,18 @@ func runSkeleton(t *testing.T, f *fleet) {
 	f.waitActive("1.0.0", "e2e-eu-1", "e2e-us-1")
 
 	// Only the EU device moves to 1.1.0.
-	if _, err := f.client.Assign(ctx, client.Assignment{Model: "grid-anomaly", Version: "1.1.0", Selector: "region=eu"}); err != nil {
-		t.Fatal(err)
+	if out := f.fleetCLI("assign", "grid-anomaly@1.1.0", "-l", "region=eu"); !strings.Contains(out, "to 1 device(s): e2e-eu-1") {
+		t.Fatalf("fleet assign printed %q", out)
 	}
 	f.waitActive("1.1.0", "e2e-eu-1")
+	var listed struct{ Devices []client.Device }
+	if err := json.Unmarshal([]byte(f.fleetCLI("devices", "-l", "region=us", "-o", "json")), &listed); err != nil || len(listed.Devices) != 1 ||
+		listed.Devices[0].ID != "e2e-us-1" || listed.Devices[0].Active("default").String() != "grid-anomaly@1.0.0" {
+		t.Fatalf("fleet devices -l region=us -o json: %+v %v", listed, err)
+	}
+	if out := f.fleetCLI("device", "e2e-eu-1"); !strings.Contains(out, "active grid-anomaly@1.1.0") || !strings.Contains(out, "previous grid-anomaly@1.0.0") {
+		t.Fatalf("fleet device e2e-eu-1 printed:\n%s", out)
+	}
 	if got := f.infer("e2e-us-1", 1); got != "1.0.0" {
 		t.Fatalf("us device answered with %s, want 1.0.0 (it was not targeted)", got)
 	}

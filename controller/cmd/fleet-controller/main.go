@@ -4,6 +4,13 @@
 //
 //	fleet-controller [--data DIR] [--mqtt-listen ADDR | --broker URL]
 //	                 [--http-listen ADDR] [--public-url URL] [--log-level LEVEL]
+//	                 [--mqtt-tls-cert FILE --mqtt-tls-key FILE --mqtt-client-ca FILE]
+//
+// With the --mqtt-tls-* flags the embedded broker speaks TLS only and
+// admits clients with a certificate of the fleet CA, each confined to its
+// own topics (see SECURITY.md); with an ssl:// --broker they are the
+// controller's client certificate and the broker's CA. On first start the
+// controller writes an admin API token to DATA/admin.token.
 //
 // Every flag also reads EDGEFLEET_<NAME> (EDGEFLEET_DATA,
 // EDGEFLEET_MQTT_LISTEN, ...); a flag given on the command line wins.
