@@ -78,7 +78,7 @@ func TestAPIRolesAndAudit(t *testing.T) {
 
 	// The operator assigns and starts a rollout, but manages no tokens.
 	f.as(operator, "POST", "/v1/assignments", `{"model":"m","version":"1.0.0","selector":"fleet=a"}`, http.StatusOK)
-	f.as(operator, "POST", "/v1/rollouts", `{"name":"by-ci","selector":"fleet=a","model":"m@2.0.0","strategy":{"waves":["100%"],"soak":"50ms"}}`, http.StatusCreated)
+	f.as(operator, "POST", "/v1/rollouts", `{"name":"by-ci","selector":"fleet=a","model":"m@2.0.0","strategy":{"waves":["100%"],"soak":"1h"}}`, http.StatusCreated)
 	f.as(operator, "POST", "/v1/rollouts/by-ci/pause", "", http.StatusOK)
 	f.as(operator, "GET", "/v1/tokens", "", http.StatusForbidden)
 
