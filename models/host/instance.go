@@ -90,10 +90,13 @@ func (i *instance) call(ctx context.Context, deadline time.Time, f api.Function,
 	if d <= 0 {
 		return 0, fmt.Errorf("%w: no time left before its deadline: %w", ErrTimeout, context.DeadlineExceeded)
 	}
-	if err := ctx.Err(); errors.Is(err, context.DeadlineExceeded) {
-		return 0, fmt.Errorf("%w: the caller's deadline passed: %w", ErrTimeout, err)
-	} else if err != nil {
-		return 0, fmt.Errorf("call canceled: %w", err)
+	select {
+	case <-ctx.Done():
+		if err := ctx.Err(); errors.Is(err, context.DeadlineExceeded) {
+			return 0, fmt.Errorf("%w: the caller's deadline passed: %w", ErrTimeout, err)
+		}
+		return 0, fmt.Errorf("call canceled: %w", ctx.Err())
+	default:
 	}
 	for k, p := range params {
 		i.stack[k] = api.EncodeU32(p)

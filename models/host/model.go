@@ -467,9 +467,13 @@ func (m *Model) isClosed() bool {
 // get takes a slot and returns an idle instance, or a new one.
 func (m *Model) get(ctx context.Context) (*instance, error) {
 	select {
-	case m.slots <- struct{}{}:
-	case <-ctx.Done():
-		return nil, fmt.Errorf("model %s: waiting for a free instance: %w", m.manifest.Name, ctx.Err())
+	case m.slots <- struct{}{}: // the common case, without a select on ctx
+	default:
+		select {
+		case m.slots <- struct{}{}:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("model %s: waiting for a free instance: %w", m.manifest.Name, ctx.Err())
+		}
 	}
 	m.mu.Lock()
 	if m.closed {
