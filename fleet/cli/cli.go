@@ -63,7 +63,7 @@ func init() {
 	commands = []cmd{
 		{"devices", "[-l SELECTOR]", "list devices, optionally those matching a label selector", runDevices},
 		{"device", "ID", "show one device: what it runs, since when, online, health, buffer, last events", runDevice},
-		{"model", "build|push|list ...", "build a bundle, upload it, list uploaded models", runModel},
+		{"model", "build|check|predict|sign|push|list ...", "build, check, try, sign and upload model bundles; list uploaded models", runModel},
 		{"assign", "MODEL@VERSION -l SELECTOR [--slot SLOT]", "put a model version on every device the selector matches", runAssign},
 		{"rollout", rolloutUsage, "staged rollouts: create, list, get, watch live, pause, resume, approve, abort, rollback", runRollout},
 		{"sim", simUsage, "run N simulated devices (real agent code) against the controller", runSim},
