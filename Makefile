@@ -7,7 +7,7 @@ VERSION  ?= 0.1.0-dev
 LDFLAGS  := -s -w -X github.com/edgefleet/edgefleet/agent.Version=$(VERSION)
 MODELS   := models/examples/build
 
-.PHONY: all build models run test test-short bench proto fmt vet clean
+.PHONY: all build models run test test-short bench fuzz proto fmt vet clean
 
 all: build models
 
@@ -31,6 +31,16 @@ test:
 ## test-short: the unit tests only, no end-to-end runs
 test-short:
 	$(GO) test -short ./...
+
+## bench: the end-to-end benchmarks (a rollout to 10,000 simulated devices on the embedded broker and
+## Mosquitto, telemetry ingest against raw QoS 1 delivery, the agent's footprint) and every Go
+## benchmark; writes the tables into BENCHMARKS.md (about 25 minutes on 2 cores)
+bench: models
+	$(GO) run ./scripts/bench -out BENCHMARKS.md
+
+## fuzz: every fuzz target for FUZZTIME (default 3s) each
+fuzz:
+	bash scripts/fuzz.sh
 
 ## proto: regenerate proto/edgefleetv1 with Debian's protoc and the protoc-gen-go pinned in go.mod
 proto:

@@ -95,7 +95,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 				return nil, fmt.Errorf("--mqtt-tls-cert/--mqtt-tls-key/--mqtt-client-ca: %w", err)
 			}
 		}
-		c.broker, err = broker.New(broker.Options{Listen: cfg.MQTTListen, Logger: log.With("component", "broker"), Retained: st, TLS: brokerTLS})
+		c.broker, err = broker.New(broker.Options{Listen: cfg.MQTTListen, Logger: log.With("component", "broker"), Retained: desiredRetained{st}, TLS: brokerTLS})
 		if err != nil {
 			return nil, err
 		}

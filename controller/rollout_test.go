@@ -434,6 +434,7 @@ func TestRolloutGates(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
 			f := startRolloutFleet(t)
 			beh := map[string]testdevice.Behavior{
 				"1.0.0": {Inferences: 100, Latency: 10 * time.Millisecond},
@@ -536,6 +537,7 @@ func TestRolloutApprovalPauseResume(t *testing.T) {
 func TestRolloutDeadlinePolicies(t *testing.T) {
 	for _, policy := range []string{"fail", "skip", "wait"} {
 		t.Run(policy, func(t *testing.T) {
+			t.Parallel()
 			f := startRolloutFleet(t)
 			f.addAgents(8, "on", all, nil)
 			off := f.addAgents(2, "off", all, nil)
@@ -597,6 +599,9 @@ func TestRolloutConflictAndLateJoiner(t *testing.T) {
 	f.apiError("POST", "/v1/rollouts", []byte(`{"name":"all-1","selector":"","model":"m@1.0.0"}`), http.StatusConflict,
 		"rollout eu-2 (m@2.0.0 into slot default, waiting-approval) already manages slot default on 6 of the 8 target devices (eu-000, eu-001, eu-002)")
 	f.apiError("POST", "/v1/rollouts", []byte(`{"name":"eu-2","selector":"region=us","model":"m@1.0.0"}`), http.StatusConflict, `a rollout named "eu-2" exists`)
+	// A plain assignment underneath it is refused too.
+	f.apiError("POST", "/v1/assignments", []byte(`{"model":"m","version":"1.0.0","selector":"region"}`), http.StatusConflict,
+		"rollout eu-2 (m@2.0.0 into slot default, waiting-approval) already manages slot default on 6 of the 8 target devices")
 	// Another slot, or other devices, are fine.
 	f.createRollout(`{"name":"us-2","selector":"region=us","model":"m@2.0.0","strategy":{"soak":"50ms"}}`)
 	f.createRollout(`{"name":"us-shadow","selector":"region=us","model":"m@1.0.0","slot":"shadow","strategy":{"soak":"50ms"}}`)

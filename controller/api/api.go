@@ -359,6 +359,14 @@ func (s *server) assign(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, fmt.Sprintf("no device matches selector %q; check the labels with GET /v1/devices", sel.String()))
 		return
 	}
+	if s.Rollouts != nil {
+		// A rollout in progress owns the slot on its devices; an assignment
+		// underneath it would read as a device rolling back by itself.
+		if err := s.Rollouts.CheckUnclaimed(r.Context(), ids, req.Slot); err != nil {
+			s.rolloutError(w, r, err)
+			return
+		}
+	}
 	results, err := s.Assigner.Assign(r.Context(), ids, req.Slot, m)
 	if errors.Is(err, store.ErrNotFound) {
 		// A device or the model vanished between the reads and the write.

@@ -24,6 +24,9 @@ type Rollouts interface {
 	Devices(ctx context.Context, id string) ([]rollout.DeviceStatus, error)
 	Subscribe(id string) (<-chan struct{}, func())
 	KnownGate(t string) bool
+	// CheckUnclaimed fails (wrapping rollout.ErrConflict) when a rollout in
+	// progress manages slot on any of the devices.
+	CheckUnclaimed(ctx context.Context, ids []string, slot string) error
 }
 
 // HeartbeatInterval is how often an idle event stream gets a comment
@@ -161,6 +164,13 @@ func RolloutJSON(s rollout.Status) Rollout {
 	return out
 }
 
+func orGenerated(name string) string {
+	if name == "" {
+		return "(name to be generated)"
+	}
+	return name
+}
+
 // rolloutError answers an error of the rollout engine.
 func (s *server) rolloutError(w http.ResponseWriter, r *http.Request, err error) {
 	switch {
@@ -193,6 +203,7 @@ func (s *server) createRollout(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err.Error()+`; a minimal rollout is {"selector":"region=eu","model":"grid-anomaly@1.1.0","strategy":{"waves":["10%","100%"]}}`)
 		return
 	}
+	noteTarget(r, "rollout %s of %s into slot %s, selector %q", orGenerated(spec.Name), spec.Model, spec.Slot, spec.Selector)
 	if dry, _ := strconv.ParseBool(r.URL.Query().Get("dryRun")); dry {
 		p, err := s.Rollouts.Plan(r.Context(), spec)
 		if err != nil {
@@ -221,6 +232,7 @@ func (s *server) createRollout(w http.ResponseWriter, r *http.Request) {
 		s.rolloutError(w, r, err)
 		return
 	}
+	noteTarget(r, "rollout %s of %s into slot %s, selector %q", id, spec.Model, spec.Slot, spec.Selector)
 	st, err := s.Rollouts.Status(r.Context(), id)
 	if err != nil {
 		s.rolloutError(w, r, err)

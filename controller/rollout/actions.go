@@ -159,6 +159,26 @@ func (e *Engine) conflicts(p *prepared) error {
 		ErrConflict, h.r.ro.ID, h.r.ro.Model, h.r.ro.Version, h.r.ro.Slot, h.r.ro.Phase, p.spec.Slot, len(h.ids), len(p.targets), strings.Join(ex, ", "))
 }
 
+// CheckUnclaimed returns an error wrapping ErrConflict, naming the rollout
+// and devices, when a rollout in progress manages slot on any of the
+// devices in ids: what it sends them must not be changed underneath it.
+func (e *Engine) CheckUnclaimed(ctx context.Context, ids []string, slot string) error {
+	var cerr error
+	err := e.do(ctx, func(context.Context) {
+		targets := make([]Target, len(ids))
+		for i, id := range ids {
+			targets[i] = Target{ID: id}
+		}
+		if err := e.conflicts(&prepared{spec: Spec{Slot: slot}, targets: targets}); err != nil {
+			cerr = fmt.Errorf("%w; an assignment would change what it sends them", err)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return cerr
+}
+
 // Plan answers what Create would plan for spec, without creating it.
 func (e *Engine) Plan(ctx context.Context, spec Spec) (PlannedRollout, error) {
 	var out PlannedRollout

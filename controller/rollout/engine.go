@@ -285,7 +285,13 @@ func (e *Engine) load(ctx context.Context) error {
 	for _, ro := range ros {
 		r, err := e.loadRun(ctx, ro)
 		if err != nil {
-			return err
+			if ctx.Err() != nil {
+				return err
+			}
+			// One rollout this controller cannot read (a gate type it does
+			// not have, after a downgrade) must not stop the others.
+			e.log.Error("cannot resume rollout; it stays as stored", "rollout", ro.ID, "err", err)
+			continue
 		}
 		e.track(r)
 		ids = append(ids, r.ro.ID)
@@ -486,13 +492,16 @@ func (e *Engine) commit(ctx context.Context, r *run, now time.Time, create bool)
 		return err
 	}
 	r.committed(c)
+	for _, h := range c.History {
+		e.log.Info("rollout: "+h, "rollout", r.ro.ID)
+	}
 	for _, doc := range docs {
 		if d := r.byID[doc.DeviceID]; d != nil {
 			d.rec.Generation = doc.Generation
 		}
 	}
 	if len(docs) > 0 {
-		e.log.Info("rollout issued desired states", "rollout", r.ro.ID, "devices", len(docs), "phase", r.ro.Phase, "wave", r.ro.Wave)
+		e.log.Debug("rollout issued desired states", "rollout", r.ro.ID, "devices", len(docs), "phase", r.ro.Phase, "wave", r.ro.Wave)
 	}
 	if !r.ro.Open {
 		e.untrack(r)

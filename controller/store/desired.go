@@ -6,8 +6,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -65,8 +67,34 @@ type SlotChange struct {
 
 // BuildFunc fills in d.Doc for a desired state whose generation, issue time
 // and slots the store has just chosen. It runs inside the transaction, so
-// the document and the generation it names commit together.
+// the document and the generation it names commit together, and it must be
+// safe to call from several goroutines at once: the documents of a large
+// commit are built (signed) on every core.
 type BuildFunc func(d *Desired) error
+
+// parallelBuild is the number of documents from which buildAll uses more
+// than one goroutine.
+const parallelBuild = 64
+
+// buildAll runs build on every document, on all cores for many: signing
+// each desired state is most of the work of notifying a large wave.
+func buildAll(docs []Desired, build BuildFunc) error {
+	workers := min(runtime.GOMAXPROCS(0), len(docs)/parallelBuild+1)
+	errs := make([]error, workers)
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for i := w; i < len(docs); i += workers {
+				if err := build(&docs[i]); err != nil {
+					errs[w] = fmt.Errorf("device %q: build desired state: %w", docs[i].DeviceID, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
 
 // Assign puts slot into the desired state of each device in ids: per
 // device, it takes the next generation (above both the last one issued and
@@ -190,13 +218,14 @@ func issueDesired(ctx context.Context, tx *sql.Tx, changes []SlotChange, issued 
 			slotRows = append(slotRows, []any{id, sl.Slot, sl.Model, sl.Version, sl.Digest, sl.Size, sl.RolloutID, sl.Rollback, health})
 		}
 		slices.SortFunc(slots, func(a, b DesiredSlot) int { return strings.Compare(a.Slot, b.Slot) })
-		d := Desired{DeviceID: id, Generation: uint64(next), IssuedAt: issued, Slots: slots}
-		if err := build(&d); err != nil {
-			return nil, fmt.Errorf("device %q: build desired state: %w", id, err)
-		}
+		out = append(out, Desired{DeviceID: id, Generation: uint64(next), IssuedAt: issued, Slots: slots})
 		genRows = append(genRows, []any{id, next})
-		docRows = append(docRows, []any{id, next, ms(issued), d.Doc, 0})
-		out = append(out, d)
+	}
+	if err := buildAll(out, build); err != nil {
+		return nil, err
+	}
+	for _, d := range out {
+		docRows = append(docRows, []any{d.DeviceID, int64(d.Generation), ms(issued), d.Doc, 0})
 	}
 
 	for _, r := range removed {
@@ -325,15 +354,15 @@ func (s *Store) MarkPublishedAll(ctx context.Context, docs []Published) error {
 		return nil
 	}
 	return s.tx(ctx, func(tx *sql.Tx) error {
-		stmt, err := tx.PrepareContext(ctx, `UPDATE desired_states SET published = 1 WHERE device_id = ? AND generation = ?`)
-		if err != nil {
-			return err
+		rows := make([][]any, len(docs))
+		for i, p := range docs {
+			rows[i] = []any{p.DeviceID, int64(p.Generation)}
 		}
-		defer stmt.Close()
-		for _, p := range docs {
-			if _, err := stmt.ExecContext(ctx, p.DeviceID, int64(p.Generation)); err != nil {
-				return fmt.Errorf("device %q: mark generation %d published: %w", p.DeviceID, p.Generation, err)
-			}
+		b := newBulk(tx, `WITH v(id, gen) AS (VALUES`, 2,
+			`) UPDATE desired_states SET published = 1 FROM v WHERE desired_states.device_id = v.id AND desired_states.generation = v.gen`)
+		defer b.close()
+		if err := b.exec(ctx, rows); err != nil {
+			return fmt.Errorf("mark %d desired states published: %w", len(docs), err)
 		}
 		return nil
 	})
@@ -342,7 +371,18 @@ func (s *Store) MarkPublishedAll(ctx context.Context, docs []Published) error {
 // UnpublishedDesired returns the desired states the broker has not
 // acknowledged, sorted by device id.
 func (s *Store) UnpublishedDesired(ctx context.Context) ([]Desired, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT device_id, generation, issued_ms, doc FROM desired_states WHERE published = 0 ORDER BY device_id`)
+	return s.desiredDocs(ctx, `WHERE published = 0`)
+}
+
+// DesiredDocs returns every device's current desired state (without its
+// slots), sorted by device id: what the embedded broker retains on the
+// devices' desired topics.
+func (s *Store) DesiredDocs(ctx context.Context) ([]Desired, error) {
+	return s.desiredDocs(ctx, ``)
+}
+
+func (s *Store) desiredDocs(ctx context.Context, where string) ([]Desired, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT device_id, generation, issued_ms, doc FROM desired_states `+where+` ORDER BY device_id`)
 	if err != nil {
 		return nil, fmt.Errorf("list unpublished desired states: %w", err)
 	}

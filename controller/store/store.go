@@ -66,6 +66,9 @@ func Open(ctx context.Context, path string, opts ...Option) (*Store, error) {
 	// indexes in one transaction; SQLite's default 2 MB page cache would
 	// read many of them back from the file.
 	q.Add("_pragma", "cache_size(-65536)")
+	// Multi-row upserts keep a statement journal; in memory, not in a
+	// temporary file written with a system call per page.
+	q.Add("_pragma", "temp_store(MEMORY)")
 	dsn := "file:" + path + "?" + q.Encode()
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {

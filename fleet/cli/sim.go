@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"runtime"
@@ -87,6 +88,7 @@ func runSim(ctx context.Context, e *exec, args []string) error {
 	if err != nil {
 		return usageErr("%v", err)
 	}
+	trimIdleDownloads()
 	if c, err := g.client(); err == nil {
 		hctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		if err := c.Healthz(hctx); err != nil {
@@ -153,6 +155,20 @@ func runSim(ctx context.Context, e *exec, args []string) error {
 			tw.Flush()
 			header = false
 		}
+	}
+}
+
+// trimIdleDownloads shortens how long this process keeps idle HTTP
+// connections. Each agent downloads bundles through its own copy of
+// http.DefaultTransport, which keeps the connection open for 90 s after a
+// download: harmless on a device, but ten thousand simulated devices would
+// hold ten thousand sockets here and as many at the controller after each
+// wave, and run both out of file descriptors. This is the simulator's own
+// process, so it may change the default; it does so before any agent
+// copies it.
+func trimIdleDownloads() {
+	if tr, ok := http.DefaultTransport.(*http.Transport); ok {
+		tr.IdleConnTimeout = 2 * time.Second
 	}
 }
 

@@ -195,19 +195,14 @@ func (a *Agent) Stats() AgentStats {
 		Published: a.count.published.Load(), Received: a.count.received.Load(), Connects: a.count.connects.Load(),
 		InFlight: a.inflight.Load(),
 	}
-	if a.spool != nil {
-		if ss, err := a.spool.Stats(context.Background()); err == nil {
-			st.SpoolDepth = ss.Depth
-		}
+	if ss, err := a.spool.Stats(context.Background()); err == nil {
+		st.SpoolDepth = ss.Depth
 	}
 	return st
 }
 
 // supervise runs the device's agent while it is powered, until ctx ends.
 func (a *Agent) supervise(ctx context.Context, dir string) {
-	// One spool for the device's life: it stands for the spool file that
-	// survives a power cut.
-	a.spool = spool.NewMemory(a.sim.o.SpoolMaxRecords)
 	defer a.spool.Close()
 	for ctx.Err() == nil {
 		if !a.power.Load() {

@@ -8,12 +8,14 @@ import (
 )
 
 // filesPerAgent is the open files one simulated device needs: its broker
-// connection, and now and then a bundle download and its file.
+// connection. Downloads add an HTTP connection and a file for a moment
+// each (more if their idle connections are kept: see fleet sim), covered
+// by the spare.
 const filesPerAgent = 1
 
 // filesSpare covers what the process needs besides the devices: its own
-// files, HTTP connections, the Go runtime.
-const filesSpare = 256
+// files, downloads in progress, the Go runtime.
+const filesSpare = 1024
 
 // ensureFileLimit raises the soft limit on open files to what n devices
 // need, up to the hard limit, and fails with what to do when even that is

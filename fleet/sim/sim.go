@@ -1,10 +1,10 @@
 // Package sim is the fleet simulator: many real Edgefleet agents in one
-// process, for scale tests, benchmarks and demos.
+// process, for scale tests, benchmarks and demos (`fleet sim`).
 //
 // Every simulated device runs the real agent code (agent.New and Run:
-// MQTT link, reconcile, downloads, activation, spool, telemetry sender),
-// against a real broker and a real controller. What the simulator shares
-// is what can be shared without changing behaviour:
+// MQTT link, reconcile, downloads, activation and health watch, spool,
+// telemetry sender), against a real broker and a real controller. What
+// the simulator shares is what can be shared without changing behaviour:
 //
 //   - one wazero host, so a module compiles once for the whole fleet;
 //   - one loaded model per bundle digest (a shared agent.Loader), so ten
@@ -12,18 +12,34 @@
 //   - an in-memory spool per device (spool.Memory, which passes the same
 //     conformance tests as the SQLite spool) instead of a database file.
 //
-// What it adds are the knobs of a real fleet: label distributions,
-// inference traffic, devices that are offline, devices whose model fails,
-// and network delay and loss (a dialer whose connections are shaped).
+// Each device still has its own data directory (desired state, state.json,
+// its downloaded bundles) and downloads its own copy of every bundle from
+// the controller, as a device does; by default the directories are on
+// tmpfs, so ten thousand devices are not measuring one shared disk.
+//
+// What it adds are the knobs of a real fleet: label distributions
+// (ParseLabels), inference traffic (Options.Rate), devices that are
+// offline (Options.Offline, Agent.SetOnline), power cuts (Agent.PowerOff),
+// devices whose model fails (Options.Failing, FailRate, FailModel), and
+// network delay and loss (Options.Network: a dialer whose connections are
+// shaped). The simulator watches each device's MQTT traffic (a framer on
+// its connection, no decoding) to count messages and to know when a device
+// has joined: when the broker acknowledged its first state report.
 //
 // A test or a tool makes a Sim with New, runs it with Run, and steers it
 // through its Agents:
 //
 //	s, err := sim.New(sim.Options{Agents: 200, Broker: broker, Controller: api,
-//		Offline: 0.2, Failing: 0.3, FailModel: "grid-anomaly@1.1.0"})
+//		Offline: 0.2, Failing: 0.3, FailRate: 0.3, FailModel: "grid-anomaly@1.1.0"})
 //	go s.Run(ctx)
-//	s.WaitJoined(ctx) // every device the controller should know has said hello
-//	s.Agent("sim-00007").SetOnline(false)
+//	s.WaitJoined(ctx) // every device the controller should know has reported
+//	s.Agent("sim-007").SetOnline(true)
+//	s.Stats().Running["grid-anomaly@1.1.0"]
+//
+// Memory: a device costs about 120 KiB when idle (its goroutines, its
+// paho client and the agent's queues; BENCHMARKS.md has the current
+// figure and where it goes), so 10,000 devices need about 1.2 GiB, and one
+// open file each (Run raises the soft limit as far as the hard one).
 package sim
 
 import (
@@ -40,6 +56,7 @@ import (
 	"time"
 
 	"github.com/edgefleet/edgefleet/agent"
+	"github.com/edgefleet/edgefleet/agent/spool"
 	"github.com/edgefleet/edgefleet/models/host"
 	"github.com/edgefleet/edgefleet/proto/wire"
 )
@@ -177,7 +194,7 @@ type Sim struct {
 	log    *slog.Logger
 	agents []*Agent
 	byID   map[string]*Agent
-	models *models
+	models atomic.Pointer[models] // set by Run
 	dial   *dialer
 	// expectJoin is how many devices say hello by themselves: all but
 	// the NeverSeen offline ones.
@@ -238,6 +255,9 @@ func New(o Options) (*Sim, error) {
 			offline: offline[i],
 			conns:   map[*conn]bool{},
 			powerCh: make(chan struct{}, 1),
+			// One spool for the device's life: it stands for the spool
+			// file that survives a power cut.
+			spool: spool.NewMemory(o.SpoolMaxRecords),
 		}
 		if err := wire.ValidateDeviceID(a.ID); err != nil {
 			return nil, fmt.Errorf("sim: device id %s: %w; choose a shorter --prefix", a.ID, err)
@@ -308,7 +328,7 @@ func (s *Sim) Run(ctx context.Context) error {
 		}
 		defer h.Close(context.WithoutCancel(ctx))
 	}
-	s.models = newModels(h)
+	s.models.Store(newModels(h))
 
 	s.log.Info("simulated fleet starting", "agents", s.o.Agents, "broker", s.o.Broker, "controller", s.o.Controller,
 		"data", dir, "offline", s.o.Offline, "failing", s.o.Failing, "rate", s.o.Rate)
@@ -429,9 +449,9 @@ func (s *Sim) Stats() Stats {
 			}
 		}
 	}
-	if s.models != nil {
-		st.ModelsLoaded = s.models.loaded()
-		st.ModelLoads = s.models.loads.Load()
+	if ms := s.models.Load(); ms != nil {
+		st.ModelsLoaded = ms.loaded()
+		st.ModelLoads = ms.loads.Load()
 	}
 	return st
 }
@@ -440,7 +460,7 @@ func (s *Sim) Stats() Stats {
 func (s *Sim) agentOptions(a *Agent) agent.Options {
 	return agent.Options{
 		Logger:        s.o.AgentLogger,
-		Loader:        loader{ms: s.models, a: a},
+		Loader:        loader{ms: s.models.Load(), a: a},
 		Spool:         a.spool,
 		Dial:          a.dialBroker,
 		NoListener:    true,

@@ -13,7 +13,6 @@ import (
 
 	"github.com/edgefleet/edgefleet/fleet/client"
 	"github.com/edgefleet/edgefleet/models/bundle"
-	"github.com/edgefleet/edgefleet/scripts/internal/proc"
 )
 
 // agentResult is the agent's footprint.
@@ -89,7 +88,7 @@ func (e *env) idleAgent(ctx context.Context, c *ctl, b *bundle.Bundle, run int) 
 		return 0, err
 	}
 	id := fmt.Sprintf("bench-idle-%s-%d", b.Manifest.Name, run)
-	p, err := proc.Start(id, filepath.Join(dir, "agent.log"), filepath.Join(e.bin, "fleet-agent"),
+	p, err := startChild(id, filepath.Join(dir, "agent.log"), filepath.Join(e.bin, "fleet-agent"),
 		"--id", id, "--data", filepath.Join(dir, "data"), "--listen", listen, "--broker", c.broker,
 		"--controller", c.api, "--label", "bench="+id, "--log-level", "warn")
 	if err != nil {

@@ -17,7 +17,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/edgefleet/edgefleet/fleet/client"
@@ -91,10 +90,13 @@ func (e *env) dir(name string) string {
 
 // brokers lists the broker kinds to run against.
 func (e *env) brokers() []string {
-	if e.mosquitto == "" {
-		return []string{"embedded"}
+	var out []string
+	for _, b := range e.cfg.brokers {
+		if b != "mosquitto" || e.mosquitto != "" {
+			out = append(out, b)
+		}
 	}
-	return []string{"embedded", "mosquitto"}
+	return out
 }
 
 func findMosquitto(flagged string) string {
@@ -122,10 +124,23 @@ func freeAddr() (string, error) {
 	return fmt.Sprintf("127.0.0.1:%d", p), nil
 }
 
-// startMosquitto runs a private Mosquitto as Debian ships it, with no
-// connection limit (its default too) and the same packet cap as the
-// embedded broker.
-func (e *env) startMosquitto(ctx context.Context) (*proc.Process, string, error) {
+// mosquittoConf is the benchmark's Mosquitto configuration: Debian's
+// defaults, except that the controller's queue may hold the whole fleet's
+// join. Mosquitto queues at most max_queued_messages (default 1000) QoS 1
+// messages per client beyond those in flight and drops the rest: when
+// thousands of devices connect at once, their hellos, states and presences
+// for the controller's one subscription go over that, and the controller
+// never learns of those devices until they reconnect.
+const mosquittoConf = `listener %s 127.0.0.1
+allow_anonymous true
+persistence false
+max_connections -1
+max_packet_size 1048576
+max_queued_messages 200000
+`
+
+// startMosquitto runs a private Mosquitto (see mosquittoConf).
+func (e *env) startMosquitto(ctx context.Context) (*child, string, error) {
 	dir := e.dir("mosquitto")
 	addr, err := freeAddr()
 	if err != nil {
@@ -133,11 +148,11 @@ func (e *env) startMosquitto(ctx context.Context) (*proc.Process, string, error)
 	}
 	_, port, _ := strings.Cut(addr, ":")
 	conf := filepath.Join(dir, "mosquitto.conf")
-	cfg := fmt.Sprintf("listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_connections -1\nmessage_size_limit 1048576\n", port)
+	cfg := fmt.Sprintf(mosquittoConf, port)
 	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
 		return nil, "", err
 	}
-	p, err := proc.Start("mosquitto", filepath.Join(dir, "mosquitto.log"), e.mosquitto, "-c", conf)
+	p, err := startChild("mosquitto", filepath.Join(dir, "mosquitto.log"), e.mosquitto, "-c", conf)
 	if err != nil {
 		return nil, "", err
 	}
@@ -157,7 +172,7 @@ func (e *env) startMosquitto(ctx context.Context) (*proc.Process, string, error)
 
 // ctl is a running controller.
 type ctl struct {
-	p      *proc.Process
+	p      *child
 	dir    string
 	api    string
 	broker string
@@ -198,7 +213,7 @@ func (e *env) startController(ctx context.Context, external string, profile bool
 		args = append([]string{profiledControllerCmd, "--cpuprofile", filepath.Join(c.dir, "cpu.prof"),
 			"--memprofile", filepath.Join(c.dir, "heap.prof"), "--"}, args...)
 	}
-	c.p, err = proc.Start("fleet-controller", filepath.Join(c.dir, "controller.log"), bin, args...)
+	c.p, err = startChild("fleet-controller", filepath.Join(c.dir, "controller.log"), bin, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -336,7 +351,7 @@ type simProc struct {
 func (e *env) startSim(ctx context.Context, c *ctl, n int, extra ...string) (*simProc, error) {
 	dir := e.dir("sim")
 	args := append([]string{"sim", "--agents", fmt.Sprint(n), "--controller", c.api, "--broker", c.broker,
-		"--labels", "fleet=bench;region=eu:60,us:40;site=s1..s20", "--start-rate", "2500",
+		"--labels", "fleet=bench;region=eu:60,us:40;site=s1..s20",
 		"--data", filepath.Join(dir, "data"), "--every", "200ms", "-o", "json", "--log-level", "warn"}, extra...)
 	logf, err := os.Create(filepath.Join(dir, "sim.log"))
 	if err != nil {
@@ -344,7 +359,7 @@ func (e *env) startSim(ctx context.Context, c *ctl, n int, extra ...string) (*si
 	}
 	cmd := exec.Command(filepath.Join(e.bin, "fleet"), args...)
 	cmd.Stderr = logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = childAttr()
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		logf.Close()

@@ -6,8 +6,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
@@ -43,7 +45,7 @@ type ingestResult struct {
 func (e *env) benchIngest(ctx context.Context, kind string) (ingestResult, error) {
 	res := ingestResult{Broker: kind, Messages: ingestPublishers * ingestBatches}
 	for run := range e.cfg.runs {
-		raw, ing, size, err := e.ingestRun(ctx, kind)
+		raw, ing, size, err := e.ingestRun(ctx, kind, false, nil)
 		if err != nil {
 			return res, err
 		}
@@ -55,8 +57,10 @@ func (e *env) benchIngest(ctx context.Context, kind string) (ingestResult, error
 	return res, nil
 }
 
-// ingestRun measures both rates on a fresh broker and controller.
-func (e *env) ingestRun(ctx context.Context, kind string) (raw, ingest float64, size int, err error) {
+// ingestRun measures both rates on a fresh broker and controller. With
+// profiled, the controller runs under runtime/pprof with its CPU profiled
+// during the ingest phase, and prof then gets the profiles' directory.
+func (e *env) ingestRun(ctx context.Context, kind string, profiled bool, prof func(dir string)) (raw, ingest float64, size int, err error) {
 	external := ""
 	if kind == "mosquitto" {
 		m, url, err := e.startMosquitto(ctx)
@@ -66,7 +70,7 @@ func (e *env) ingestRun(ctx context.Context, kind string) (raw, ingest float64, 
 		defer m.Kill()
 		external = url
 	}
-	c, err := e.startController(ctx, external, false)
+	c, err := e.startController(ctx, external, profiled)
 	if err != nil {
 		return 0, 0, 0, err
 	}
@@ -85,7 +89,16 @@ func (e *env) ingestRun(ctx context.Context, kind string) (raw, ingest float64, 
 	if raw, err = rawDelivery(ctx, c.broker, payloads); err != nil {
 		return 0, 0, 0, fmt.Errorf("raw delivery: %w", err)
 	}
-	if ingest, err = controllerIngest(ctx, c, ids, payloads); err != nil {
+	if profiled {
+		_ = syscall.Kill(c.p.Pid(), syscall.SIGUSR1)
+	}
+	ingest, err = controllerIngest(ctx, c, ids, payloads)
+	if profiled {
+		_ = syscall.Kill(c.p.Pid(), syscall.SIGUSR2)
+		sleep(ctx, 2*time.Second)
+		prof(c.dir)
+	}
+	if err != nil {
 		return 0, 0, 0, fmt.Errorf("controller ingest: %w", err)
 	}
 	return raw, ingest, size, nil
@@ -334,4 +347,22 @@ func finish(ctx context.Context, start time.Time, done <-chan struct{}, errc <-c
 			return 0, ctx.Err()
 		}
 	}
+}
+
+// ingestProfile is where the controller's CPU went during telemetry
+// ingest.
+type ingestProfile struct {
+	Rate float64 // batches/s in the profiled run
+	CPU  []string
+}
+
+// profileIngest runs the ingest benchmark once more on the embedded
+// broker with the controller under runtime/pprof.
+func (e *env) profileIngest(ctx context.Context) (*ingestProfile, error) {
+	p := &ingestProfile{}
+	_, rate, _, err := e.ingestRun(ctx, "embedded", true, func(dir string) {
+		p.CPU = pprofTop(ctx, filepath.Join(dir, "cpu.prof"), "", 25)
+	})
+	p.Rate = rate
+	return p, err
 }

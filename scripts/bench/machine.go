@@ -69,3 +69,16 @@ func memTotal(meminfo string) int64 {
 	}
 	return 0
 }
+
+// loadAverage returns the 1, 5 and 15 minute load averages.
+func loadAverage() string {
+	data, err := readSmall("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(data))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], ", ")
+}

@@ -52,10 +52,13 @@ type config struct {
 	out       string
 	runs      int
 	devices   int
+	joinRate  int
+	fallback  int
 	only      map[string]bool
 	goPkgs    string
 	goCount   int
 	mosquitto string
+	brokers   []string
 	keep      bool
 	profile   bool
 	root      string
@@ -71,9 +74,12 @@ func doMain(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&c.out, "out", "BENCHMARKS.md", "file to write the tables into (its bench section is replaced, the rest kept)")
 	fs.IntVar(&c.runs, "runs", 3, "runs of each end-to-end benchmark; the tables show medians")
 	fs.IntVar(&c.devices, "devices", 10_000, "simulated devices in the rollout benchmark")
+	fs.IntVar(&c.joinRate, "join-rate", 300, "simulated devices that connect per second before the rollout")
+	fs.IntVar(&c.fallback, "fallback-devices", 2000, "when no rollout run with -devices finishes, run it with this many devices too, to have figures (0: do not)")
 	only := fs.String("only", strings.Join(parts, ","), "benchmarks to run: "+strings.Join(parts, ","))
 	fs.StringVar(&c.goPkgs, "go-packages", "./...", "packages whose Go benchmarks run")
 	fs.IntVar(&c.goCount, "go-count", 3, "runs of each Go benchmark (-count)")
+	brokers := fs.String("brokers", "embedded,mosquitto", "brokers to run the ingest and rollout benchmarks against: embedded, mosquitto")
 	fs.StringVar(&c.mosquitto, "mosquitto", "", "mosquitto binary (default: found in PATH or /usr/sbin; without it the Mosquitto runs are skipped and the report says so)")
 	fs.BoolVar(&c.keep, "keep", false, "keep the working directory (logs, profiles) instead of removing it")
 	fs.BoolVar(&c.profile, "profile", false, "also profile the controller when every target is met")
@@ -99,8 +105,18 @@ func doMain(args []string, stdout, stderr io.Writer) int {
 		}
 		c.only[p] = true
 	}
-	if c.runs < 1 || c.devices < 1 || c.goCount < 1 {
-		fmt.Fprintln(stderr, "bench: -runs, -devices and -go-count must be at least 1")
+	for _, b := range strings.Split(*brokers, ",") {
+		switch b = strings.TrimSpace(b); b {
+		case "embedded", "mosquitto":
+			c.brokers = append(c.brokers, b)
+		case "":
+		default:
+			fmt.Fprintf(stderr, "bench: -brokers %q: choose embedded, mosquitto or both\n", b)
+			return 2
+		}
+	}
+	if c.runs < 1 || c.devices < 1 || c.goCount < 1 || c.joinRate < 1 {
+		fmt.Fprintln(stderr, "bench: -runs, -devices, -join-rate and -go-count must be at least 1")
 		return 2
 	}
 	wd, err := os.Getwd()
@@ -151,13 +167,14 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 	}
 	e := &env{cfg: c, work: work, log: log}
 	res := &results{
-		Machine: describeMachine(ctx, c.root),
-		Command: "go run ./scripts/bench " + strings.Join(args, " "),
-		Started: time.Now().UTC(),
-		Runs:    c.runs,
+		Machine:   describeMachine(ctx, c.root),
+		Command:   "go run ./scripts/bench " + strings.Join(args, " "),
+		Started:   time.Now().UTC(),
+		Runs:      c.runs,
+		LoadStart: loadAverage(),
 	}
-	if os.Getenv("MAKELEVEL") != "" && len(args) == 0 {
-		res.Command = "make bench"
+	if os.Getenv("MAKELEVEL") != "" {
+		res.Command = "make bench` (`" + res.Command
 	}
 	log.Info("building binaries")
 	if err := e.build(ctx); err != nil {
@@ -167,7 +184,7 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 		return err
 	}
 	e.mosquitto = findMosquitto(c.mosquitto)
-	if e.mosquitto == "" && (c.only["ingest"] || c.only["rollout"]) {
+	if e.mosquitto == "" && slices.Contains(c.brokers, "mosquitto") && (c.only["ingest"] || c.only["rollout"]) {
 		res.Notes = append(res.Notes, "Mosquitto was not found (apt-get install -y mosquitto): its runs were skipped.")
 	}
 	if c.only["agent"] {
@@ -196,6 +213,15 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 				return fmt.Errorf("rollout benchmark (%s): %w", kind, err)
 			}
 			res.Rollout = append(res.Rollout, r)
+			if len(finished(r.Runs)) == 0 && c.fallback > 0 && c.fallback < c.devices {
+				log.Info("benchmark: rollout, smaller fleet (no run finished)", "broker", kind, "devices", c.fallback)
+				f, err := e.benchRollout(ctx, kind, c.fallback)
+				if err != nil {
+					return fmt.Errorf("rollout benchmark (%s, %d devices): %w", kind, c.fallback, err)
+				}
+				f.Fallback = true
+				res.Rollout = append(res.Rollout, f)
+			}
 		}
 		log.Info("benchmark: memory per simulated device")
 		m, err := e.benchSimMemory(ctx, res.Rollout)
@@ -209,10 +235,17 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 		log.Info("profiling the controller through one more rollout")
 		p, err := e.profileRollout(ctx, c.devices)
 		if err != nil {
-			res.Notes = append(res.Notes, "The profiled run failed: "+err.Error())
-		} else {
-			res.Profile = p
+			return fmt.Errorf("profiled run: %w", err)
 		}
+		res.Profile = p
+	}
+	if c.only["ingest"] && (c.profile || res.ingestMissed()) {
+		log.Info("profiling the controller through one more ingest run")
+		p, err := e.profileIngest(ctx)
+		if err != nil {
+			res.Notes = append(res.Notes, "The profiled ingest run failed: "+err.Error())
+		}
+		res.IngestProfile = p
 	}
 	if c.only["go"] {
 		log.Info("benchmark: go test -bench", "packages", c.goPkgs)
@@ -226,5 +259,6 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 		return ctx.Err()
 	}
 	res.Finished = time.Now().UTC()
+	res.LoadEnd = loadAverage()
 	return writeReport(c.out, res.markdown())
 }

@@ -23,9 +23,13 @@ type results struct {
 	Rollout           []rolloutResult
 	SimMemory         *simMemory
 	Profile           *controllerProfile
+	IngestProfile     *ingestProfile
 	Go                []goBench
 	Notes             []string
 	Targets           []target
+	// LoadStart and LoadEnd are /proc/loadavg's first three fields: other
+	// work on the machine shows there and makes every figure worse.
+	LoadStart, LoadEnd string
 }
 
 // target is one of issue 9's targets and how the run fared.
@@ -36,8 +40,8 @@ type target struct {
 	// Miss says by how much a missed target was missed.
 	Miss string
 	// controller marks targets on the controller's speed or memory, which
-	// a profile explains.
-	controller bool
+	// a profile explains; ingest the ingest one.
+	controller, ingest bool
 }
 
 // The targets (issue 9).
@@ -54,10 +58,17 @@ const (
 func (r *results) evaluate() {
 	r.Targets = nil
 	add := func(what, goal, measured string, met bool, miss string, ctl bool) {
-		r.Targets = append(r.Targets, target{What: what, Goal: goal, Measured: measured, Met: &met, Miss: miss, controller: ctl})
+		r.Targets = append(r.Targets, target{What: what, Goal: goal, Measured: measured, Met: &met, Miss: miss, controller: ctl,
+			ingest: strings.Contains(what, "ingest")})
 	}
-	for _, ro := range r.Rollout {
+	for _, all := range r.Rollout {
+		if len(all.Runs) == 0 || all.Fallback {
+			continue
+		}
+		ro := rolloutResult{Broker: all.Broker, Runs: finished(all.Runs)}
 		if len(ro.Runs) == 0 {
+			add(fmt.Sprintf("%d devices, 4 waves, zero soak (%s broker)", all.Runs[0].Devices, all.Broker), "< 60 s", "did not finish",
+				false, "no run finished: "+all.Runs[0].Err, true)
 			continue
 		}
 		n := ro.Runs[0].Devices
@@ -71,7 +82,7 @@ func (r *results) evaluate() {
 		add(what, "< 60 s", secs(wall), wall < targetRollout, over(wall.Seconds(), targetRollout.Seconds(), "s"), true)
 		if engine {
 			dec := medianDur(pick(ro.Runs, func(x rolloutRun) time.Duration { return maxDur(x.Decisions) }))
-			add(fmt.Sprintf("wave decision latency, worst wave (%s broker)", ro.Broker), "< 1 s", ms(dec), dec < targetDecision,
+			add(fmt.Sprintf("wave decision latency, worst wave (%s broker)", ro.Broker), "< 1 s", decision(dec), dec < targetDecision,
 				over(dec.Seconds(), targetDecision.Seconds(), "s"), true)
 		}
 		peak := median(pick(ro.Runs, func(x rolloutRun) int64 { return x.CtlPeak }))
@@ -94,10 +105,27 @@ func (r *results) evaluate() {
 	}
 }
 
-// controllerMissed reports whether a target on the controller was missed.
+// finished returns the runs that finished.
+func finished(runs []rolloutRun) []rolloutRun {
+	var out []rolloutRun
+	for _, r := range runs {
+		if r.Err == "" {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// controllerMissed reports whether a target on the controller was missed;
+// ingestMissed whether the ingest one was.
 func (r *results) controllerMissed() bool {
+	return r.missed(func(t target) bool { return t.controller && !t.ingest })
+}
+func (r *results) ingestMissed() bool { return r.missed(func(t target) bool { return t.ingest }) }
+
+func (r *results) missed(which func(target) bool) bool {
 	for _, t := range r.Targets {
-		if t.controller && t.Met != nil && !*t.Met {
+		if which(t) && t.Met != nil && !*t.Met {
 			return true
 		}
 	}
@@ -162,7 +190,16 @@ func maxDur(vs []time.Duration) time.Duration {
 
 func secs(d time.Duration) string { return fmt.Sprintf("%.1f s", d.Seconds()) }
 func ms(d time.Duration) string   { return fmt.Sprintf("%d ms", d.Milliseconds()) }
-func mibStr(n int64) string       { return fmt.Sprintf("%.1f MiB", mib(n)) }
+
+// decision renders a wave decision latency: one seen within a single
+// poll of the rollout is only known to be under the poll interval.
+func decision(d time.Duration) string {
+	if d < pollEvery {
+		return fmt.Sprintf("< %d ms", pollEvery.Milliseconds())
+	}
+	return ms(d)
+}
+func mibStr(n int64) string { return fmt.Sprintf("%.1f MiB", mib(n)) }
 
 // Markers delimit the section this program owns in BENCHMARKS.md.
 const (
@@ -225,6 +262,7 @@ func (r *results) markdown() string {
 	w("Command: `%s`. Date: %s (took %s). Commit: %s.  \n", r.Command, r.Started.Format("2006-01-02 15:04 UTC"),
 		r.Finished.Sub(r.Started).Round(time.Minute), commit)
 	w("Machine: %d cores, %s, %.1f GiB RAM, %s, %s.  \n", m.Cores, m.CPU, float64(m.MemBytes)/(1<<30), m.Kernel, m.Go)
+	w("Load average (1, 5, 15 min) at the start: %s; at the end: %s.  \n", r.LoadStart, r.LoadEnd)
 	w("Every figure is the median of %d runs; the controller, the simulator and Mosquitto run as separate processes on this one machine.\n\n", r.Runs)
 
 	if len(r.Targets) > 0 {
@@ -257,20 +295,25 @@ func (r *results) markdown() string {
 			"time from the last device of a wave counting as succeeded to the first device of the next being notified, "+
 			"as seen polling the rollout every %d ms (worst wave of the run).\n\n",
 			n, benchModel, strings.Join(rolloutWaves, ", "), pollEvery.Milliseconds())
-		w("| broker | rollout wall time | controller CPU | wave decision latency (worst) | MQTT messages/s | controller memory idle / peak | assignment to all: wall (controller CPU) | fleet join |\n")
-		w("|---|---|---|---|---|---|---|---|\n")
+		w("| broker | devices | rollout wall time | controller CPU | wave decision latency (worst) | MQTT messages/s | controller memory idle / peak | assignment to all: wall (controller CPU) | fleet join |\n")
+		w("|---|---|---|---|---|---|---|---|---|\n")
 		for _, ro := range r.Rollout {
-			rs := ro.Runs
+			rs := finished(ro.Runs)
+			devices := fmt.Sprint(ro.Runs[0].Devices)
+			if ro.Fallback {
+				devices += " (smaller fleet: no run with the full one finished)"
+			}
 			if len(rs) == 0 {
+				w("| %s | %s | no run finished | | | | | | |\n", ro.Broker, devices)
 				continue
 			}
 			wall, cpu, dec := "no rollout engine", "-", "-"
 			if rs[0].Engine {
 				wall = secs(medianDur(pick(rs, func(x rolloutRun) time.Duration { return x.Rollout })))
 				cpu = secs(medianDur(pick(rs, func(x rolloutRun) time.Duration { return x.RolloutCPU })))
-				dec = ms(medianDur(pick(rs, func(x rolloutRun) time.Duration { return maxDur(x.Decisions) })))
+				dec = decision(medianDur(pick(rs, func(x rolloutRun) time.Duration { return maxDur(x.Decisions) })))
 			}
-			w("| %s | %s | %s | %s | %.0f | %s / %s | %s (%s) | %s |\n", ro.Broker, wall, cpu, dec,
+			w("| %s | %s | %s | %s | %s | %.0f | %s / %s | %s (%s) | %s |\n", ro.Broker, devices, wall, cpu, dec,
 				medianFloat(pick(rs, func(x rolloutRun) float64 { return x.Messages })),
 				mibStr(median(pick(rs, func(x rolloutRun) int64 { return x.CtlIdle }))),
 				mibStr(median(pick(rs, func(x rolloutRun) int64 { return x.CtlPeak }))),
@@ -278,15 +321,15 @@ func (r *results) markdown() string {
 				secs(medianDur(pick(rs, func(x rolloutRun) time.Duration { return x.AssignCPU }))),
 				secs(medianDur(pick(rs, func(x rolloutRun) time.Duration { return x.Join }))))
 		}
-		w("\nEvery run:\n\n| broker | run | rollout | phase | decision latencies | controller CPU | peak memory | assign |\n|---|---|---|---|---|---|---|---|\n")
+		w("\nEvery run:\n\n| broker | devices | run | rollout | phase | decision latencies | controller CPU | peak memory | assign | join | error |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, ro := range r.Rollout {
 			for i, x := range ro.Runs {
 				var decs []string
 				for _, d := range x.Decisions {
-					decs = append(decs, ms(d))
+					decs = append(decs, decision(d))
 				}
-				w("| %s | %d | %s | %s | %s | %s | %s | %s |\n", ro.Broker, i+1, secs(x.Rollout), x.Phase, strings.Join(decs, ", "),
-					secs(x.RolloutCPU), mibStr(x.CtlPeak), secs(x.Assign))
+				w("| %s | %d | %d | %s | %s | %s | %s | %s | %s | %s | %s |\n", ro.Broker, x.Devices, i+1, secs(x.Rollout), x.Phase, strings.Join(decs, ", "),
+					secs(x.RolloutCPU), mibStr(x.CtlPeak), secs(x.Assign), secs(x.Join), cell(x.Err))
 			}
 		}
 		w("\n")
@@ -294,11 +337,12 @@ func (r *results) markdown() string {
 
 	if len(r.Ingest) > 0 {
 		w("### Telemetry ingest against raw QoS 1 delivery\n\n")
-		w("%d publishers send %d sealed telemetry batches each (%d inference records, the same payloads in both phases), QoS 1, as fast as "+
-			"the broker acknowledges. Raw: one subscriber on the same broker that only counts them. Ingest: the controller decodes, "+
-			"stores (SQLite, exactly once by device, epoch and sequence) and acknowledges each batch; the rate is read from its "+
-			"`edgefleet_controller_telemetry_batches_total`. Both phases run in the same run, on the same broker, one after the other.\n\n",
-			ingestPublishers, ingestBatches, ingestRecords)
+		w("%d simulated devices (MQTT clients in scripts/bench) send %d sealed telemetry batches each (%d inference records; the same "+
+			"payloads in both phases), QoS 1, each device keeping at most %d batches unanswered, as the agent's telemetry sender does. "+
+			"Raw: a batch is answered when one subscriber on the same broker, which does nothing else, has received it. Ingest: when "+
+			"the controller has decoded it, stored it (SQLite, exactly once by device, spool epoch and sequence) and its ack has reached "+
+			"the device; the controller's `edgefleet_controller_telemetry_batches_total` must agree. Both phases run in the same run, on "+
+			"the same broker, one after the other.\n\n", ingestPublishers, ingestBatches, ingestRecords, ingestWindow)
 		w("| broker | messages | payload | raw delivery | controller ingest | ingest / raw |\n|---|---|---|---|---|---|\n")
 		for _, in := range r.Ingest {
 			w("| %s | %d | %d B | %.0f msg/s | %.0f batches/s (%.0f records/s) | %.2f× |\n", in.Broker, in.Messages, in.PayloadBytes,
@@ -331,15 +375,21 @@ func (r *results) markdown() string {
 
 	if p := r.Profile; p != nil {
 		w("### Where the controller's time and memory go\n\n")
-		w("One more embedded-broker rollout to %d devices with the controller under runtime/pprof (the same code as `fleet-controller`, "+
-			"built into scripts/bench): CPU profiled from the rollout request to its end (wall %s, controller CPU %s), heap in use at the end.\n\n",
-			p.Devices, secs(p.Run.Rollout), secs(p.Run.RolloutCPU))
+		w("One more embedded-broker run with %d devices, the controller under runtime/pprof (the same code as `fleet-controller`, "+
+			"built into scripts/bench): CPU profiled from the fleet's join to the end of the run (rollout %s, controller CPU in the rollout %s%s), "+
+			"heap in use at the end.\n\n", p.Devices, secs(p.Run.Rollout), secs(p.Run.RolloutCPU), errNote(p.Run.Err))
 		if len(p.CPU) > 0 {
 			w("CPU:\n\n```\n%s\n```\n\n", strings.Join(p.CPU, "\n"))
 		}
 		if len(p.Heap) > 0 {
 			w("Heap in use:\n\n```\n%s\n```\n\n", strings.Join(p.Heap, "\n"))
 		}
+	}
+
+	if p := r.IngestProfile; p != nil && len(p.CPU) > 0 {
+		w("### Where the controller's time goes in telemetry ingest\n\n")
+		w("The ingest phase once more on the embedded broker, the controller under runtime/pprof, CPU profiled over the phase (%.0f batches/s):\n\n```\n%s\n```\n\n",
+			p.Rate, strings.Join(p.CPU, "\n"))
 	}
 
 	if len(r.Go) > 0 {
@@ -371,6 +421,22 @@ func (r *results) markdown() string {
 		w("\n")
 	}
 	return b.String()
+}
+
+func errNote(err string) string {
+	if err == "" {
+		return ""
+	}
+	return "; the run did not finish: " + cell(err)
+}
+
+// cell makes text safe in a table cell.
+func cell(s string) string {
+	s = strings.ReplaceAll(strings.ReplaceAll(s, "\n", " "), "|", "/")
+	if len(s) > 300 {
+		s = s[:300] + "..."
+	}
+	return s
 }
 
 func num(m map[string]float64, unit string) string {

@@ -46,12 +46,19 @@ type rolloutRun struct {
 	// SimRSS is the simulator's resident memory with every device running
 	// the first model, idle.
 	SimRSS int64
+	// Err says why the run did not finish; its other figures are what
+	// was measured until then.
+	Err string
 }
 
 // rolloutResult is every run against one broker.
 type rolloutResult struct {
 	Broker string
 	Runs   []rolloutRun
+	// Fallback marks the runs with a smaller fleet, made because none
+	// with the asked size finished; they are not judged against the
+	// targets.
+	Fallback bool
 }
 
 // pollEvery is how often the rollout's status is read.
@@ -61,8 +68,14 @@ func (e *env) benchRollout(ctx context.Context, kind string, n int) (rolloutResu
 	res := rolloutResult{Broker: kind}
 	for run := range e.cfg.runs {
 		r, err := e.rolloutRun(ctx, kind, n, false, nil)
+		if ctx.Err() != nil {
+			return res, ctx.Err()
+		}
 		if err != nil {
-			return res, err
+			// A run that does not finish is a result too: the report
+			// says where it stopped.
+			r.Err = err.Error()
+			e.log.Error("rollout run failed", "broker", kind, "run", run+1, "err", err)
 		}
 		res.Runs = append(res.Runs, r)
 		e.log.Info("rollout", "broker", kind, "run", run+1, "devices", n, "join", r.Join.Round(time.Millisecond),
@@ -75,8 +88,8 @@ func (e *env) benchRollout(ctx context.Context, kind string, n int) (rolloutResu
 // rolloutRun runs a fresh broker, controller and simulated fleet: the
 // fleet joins, model 1.0.0 is assigned to all (the assignment path), then
 // 2.0.0 is rolled out in four waves. With profiled, the controller runs
-// under runtime/pprof and its CPU is profiled during the rollout only;
-// then prof receives its directory.
+// under runtime/pprof, its CPU profiled from the join to the end of the
+// run; then prof receives the directory holding the profiles.
 func (e *env) rolloutRun(ctx context.Context, kind string, n int, profiled bool, prof func(dir string)) (rolloutRun, error) {
 	r := rolloutRun{Devices: n}
 	external := ""
@@ -97,8 +110,21 @@ func (e *env) rolloutRun(ctx context.Context, kind string, n int, profiled bool,
 		return r, err
 	}
 
+	if profiled {
+		// Profile from the join on: at scale the join is where the
+		// controller works hardest. The heap profile is written at the
+		// end, finished or not.
+		_ = syscall.Kill(c.p.Pid(), syscall.SIGUSR1)
+		defer func() {
+			_ = syscall.Kill(c.p.Pid(), syscall.SIGUSR2)
+			sleep(ctx, 3*time.Second)
+			if prof != nil {
+				prof(c.dir)
+			}
+		}()
+	}
 	start := time.Now()
-	s, err := e.startSim(ctx, c, n)
+	s, err := e.startSim(ctx, c, n, "--start-rate", fmt.Sprint(e.cfg.joinRate))
 	if err != nil {
 		return r, err
 	}
@@ -136,9 +162,6 @@ func (e *env) rolloutRun(ctx context.Context, kind string, n int, profiled bool,
 		"name": fmt.Sprintf("bench-%d", time.Now().UnixNano()%1_000_000), "selector": "fleet=bench", "model": benchModel + "@2.0.0",
 		"strategy": map[string]any{"waves": rolloutWaves, "soak": "0s", "gates": []any{}},
 	}
-	if profiled {
-		_ = syscall.Kill(c.p.Pid(), syscall.SIGUSR1) // start the CPU profile
-	}
 	msgs0 := s.status()
 	cpu0, _ = cpuTime(c.p.Pid())
 	t0 = time.Now()
@@ -170,13 +193,6 @@ func (e *env) rolloutRun(ctx context.Context, kind string, n int, profiled bool,
 		r.Messages = float64(final.Published+final.Received-msgs0.Published-msgs0.Received) / dt
 	}
 	_, r.CtlPeak, _ = memory(c.p.Pid())
-	if profiled {
-		_ = syscall.Kill(c.p.Pid(), syscall.SIGUSR2) // stop the CPU profile, write the heap profile
-		sleep(ctx, 3*time.Second)
-		if prof != nil {
-			prof(c.dir)
-		}
-	}
 	return r, nil
 }
 
@@ -287,16 +303,20 @@ type simMemory struct {
 // heap it also profiles.
 func (e *env) benchSimMemory(ctx context.Context, rollouts []rolloutResult) (*simMemory, error) {
 	m := &simMemory{}
+	// The largest fleet measured on the embedded broker, from the runs
+	// that got as far as reading the simulator's memory.
 	for _, r := range rollouts {
-		if r.Broker != "embedded" {
-			continue
-		}
 		var rss []int64
+		devices := 0
 		for _, run := range r.Runs {
-			m.Large = run.Devices
-			rss = append(rss, run.SimRSS)
+			if run.SimRSS > 0 {
+				devices = run.Devices
+				rss = append(rss, run.SimRSS)
+			}
 		}
-		m.LargeRSS = median(rss)
+		if r.Broker == "embedded" && devices > m.Large {
+			m.Large, m.LargeRSS = devices, median(rss)
+		}
 	}
 	m.Small = max(1, m.Large/10)
 	c, err := e.startController(ctx, "", false)
@@ -379,5 +399,8 @@ func (e *env) profileRollout(ctx context.Context, n int) (*controllerProfile, er
 		p.Heap = pprofTop(ctx, filepath.Join(dir, "heap.prof"), "inuse_space", 15)
 	})
 	p.Run = run
-	return p, err
+	if err != nil {
+		p.Run.Err = err.Error()
+	}
+	return p, nil
 }
