@@ -311,20 +311,19 @@ func (e *Engine) load(ctx context.Context) error {
 	// Replay the events of the open rollouts up to the cursor; events
 	// after it come through processDirty.
 	var after int64
-	for {
+	for done := false; !done; {
 		evs, err := e.o.Store.EventsAfter(ctx, after, ids, 1000)
 		if err != nil {
 			return err
 		}
+		done = len(evs) < 1000
 		for _, ev := range evs {
 			if ev.ID > cursor {
+				done = true
 				break
 			}
 			e.applyEvent(ev, now)
 			after = ev.ID
-		}
-		if len(evs) < 1000 || after >= cursor {
-			break
 		}
 	}
 	e.cursor = cursor
