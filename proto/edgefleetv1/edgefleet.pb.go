@@ -167,6 +167,7 @@ type Envelope struct {
 	//	*Envelope_Desired
 	//	*Envelope_Ack
 	//	*Envelope_Command
+	//	*Envelope_TelemetryZstd
 	Body          isEnvelope_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -309,6 +310,15 @@ func (x *Envelope) GetCommand() *Command {
 	return nil
 }
 
+func (x *Envelope) GetTelemetryZstd() []byte {
+	if x != nil {
+		if x, ok := x.Body.(*Envelope_TelemetryZstd); ok {
+			return x.TelemetryZstd
+		}
+	}
+	return nil
+}
+
 type isEnvelope_Body interface {
 	isEnvelope_Body()
 }
@@ -345,6 +355,12 @@ type Envelope_Command struct {
 	Command *Command `protobuf:"bytes,17,opt,name=command,proto3,oneof"`
 }
 
+type Envelope_TelemetryZstd struct {
+	// A TelemetryBatch, serialized and then compressed with zstd. The
+	// decompressed size is capped like any payload (wire.MaxPayload).
+	TelemetryZstd []byte `protobuf:"bytes,18,opt,name=telemetry_zstd,json=telemetryZstd,proto3,oneof"`
+}
+
 func (*Envelope_Hello) isEnvelope_Body() {}
 
 func (*Envelope_State) isEnvelope_Body() {}
@@ -360,6 +376,8 @@ func (*Envelope_Desired) isEnvelope_Body() {}
 func (*Envelope_Ack) isEnvelope_Body() {}
 
 func (*Envelope_Command) isEnvelope_Body() {}
+
+func (*Envelope_TelemetryZstd) isEnvelope_Body() {}
 
 // Hello is sent by an agent on every (re)connect.
 type Hello struct {
@@ -751,12 +769,15 @@ type ReportedState struct {
 	// Generation of the last desired state the agent accepted.
 	DesiredGeneration uint64 `protobuf:"varint,3,opt,name=desired_generation,json=desiredGeneration,proto3" json:"desired_generation,omitempty"`
 	// Records waiting in the spool.
-	SpoolDepth    uint64   `protobuf:"varint,4,opt,name=spool_depth,json=spoolDepth,proto3" json:"spool_depth,omitempty"`
-	SpoolDropped  uint64   `protobuf:"varint,5,opt,name=spool_dropped,json=spoolDropped,proto3" json:"spool_dropped,omitempty"`
-	AgentVersion  string   `protobuf:"bytes,6,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
-	RecentErrors  []string `protobuf:"bytes,7,rep,name=recent_errors,json=recentErrors,proto3" json:"recent_errors,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	SpoolDepth   uint64   `protobuf:"varint,4,opt,name=spool_depth,json=spoolDepth,proto3" json:"spool_depth,omitempty"`
+	SpoolDropped uint64   `protobuf:"varint,5,opt,name=spool_dropped,json=spoolDropped,proto3" json:"spool_dropped,omitempty"`
+	AgentVersion string   `protobuf:"bytes,6,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	RecentErrors []string `protobuf:"bytes,7,rep,name=recent_errors,json=recentErrors,proto3" json:"recent_errors,omitempty"`
+	// Records dropped from the spool since it was created, by class
+	// ("sample", "inference", "aggregate", "event").
+	SpoolDroppedByClass map[string]uint64 `protobuf:"bytes,8,rep,name=spool_dropped_by_class,json=spoolDroppedByClass,proto3" json:"spool_dropped_by_class,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *ReportedState) Reset() {
@@ -834,6 +855,13 @@ func (x *ReportedState) GetAgentVersion() string {
 func (x *ReportedState) GetRecentErrors() []string {
 	if x != nil {
 		return x.RecentErrors
+	}
+	return nil
+}
+
+func (x *ReportedState) GetSpoolDroppedByClass() map[string]uint64 {
+	if x != nil {
+		return x.SpoolDroppedByClass
 	}
 	return nil
 }
@@ -1063,6 +1091,8 @@ type TelemetryRecord struct {
 	//
 	//	*TelemetryRecord_Inference
 	//	*TelemetryRecord_Event
+	//	*TelemetryRecord_Aggregate
+	//	*TelemetryRecord_Sample
 	Body          isTelemetryRecord_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1130,6 +1160,24 @@ func (x *TelemetryRecord) GetEvent() *Event {
 	return nil
 }
 
+func (x *TelemetryRecord) GetAggregate() *InferenceAggregate {
+	if x != nil {
+		if x, ok := x.Body.(*TelemetryRecord_Aggregate); ok {
+			return x.Aggregate
+		}
+	}
+	return nil
+}
+
+func (x *TelemetryRecord) GetSample() *RawSample {
+	if x != nil {
+		if x, ok := x.Body.(*TelemetryRecord_Sample); ok {
+			return x.Sample
+		}
+	}
+	return nil
+}
+
 type isTelemetryRecord_Body interface {
 	isTelemetryRecord_Body()
 }
@@ -1142,9 +1190,377 @@ type TelemetryRecord_Event struct {
 	Event *Event `protobuf:"bytes,3,opt,name=event,proto3,oneof"`
 }
 
+type TelemetryRecord_Aggregate struct {
+	Aggregate *InferenceAggregate `protobuf:"bytes,4,opt,name=aggregate,proto3,oneof"`
+}
+
+type TelemetryRecord_Sample struct {
+	Sample *RawSample `protobuf:"bytes,5,opt,name=sample,proto3,oneof"`
+}
+
 func (*TelemetryRecord_Inference) isTelemetryRecord_Body() {}
 
 func (*TelemetryRecord_Event) isTelemetryRecord_Body() {}
+
+func (*TelemetryRecord_Aggregate) isTelemetryRecord_Body() {}
+
+func (*TelemetryRecord_Sample) isTelemetryRecord_Body() {}
+
+// Histogram counts values into buckets. bounds are the ascending inner bucket
+// edges; counts has len(bounds)+1 entries: counts[0] is values < bounds[0],
+// counts[i] is bounds[i-1] <= v < bounds[i], the last is v >= the last bound.
+// Histograms with the same bounds merge by adding counts.
+type Histogram struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Bounds        []float64              `protobuf:"fixed64,1,rep,packed,name=bounds,proto3" json:"bounds,omitempty"`
+	Counts        []uint64               `protobuf:"varint,2,rep,packed,name=counts,proto3" json:"counts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Histogram) Reset() {
+	*x = Histogram{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Histogram) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Histogram) ProtoMessage() {}
+
+func (x *Histogram) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Histogram.ProtoReflect.Descriptor instead.
+func (*Histogram) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *Histogram) GetBounds() []float64 {
+	if x != nil {
+		return x.Bounds
+	}
+	return nil
+}
+
+func (x *Histogram) GetCounts() []uint64 {
+	if x != nil {
+		return x.Counts
+	}
+	return nil
+}
+
+// NamedHistogram is the histogram of one input feature or one output.
+type NamedHistogram struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Feature or output name as in the manifest's reference.
+	Name      string     `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Histogram *Histogram `protobuf:"bytes,2,opt,name=histogram,proto3" json:"histogram,omitempty"`
+	// Values that were NaN (missing), not counted in the histogram.
+	Missing       uint64 `protobuf:"varint,3,opt,name=missing,proto3" json:"missing,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NamedHistogram) Reset() {
+	*x = NamedHistogram{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NamedHistogram) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NamedHistogram) ProtoMessage() {}
+
+func (x *NamedHistogram) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NamedHistogram.ProtoReflect.Descriptor instead.
+func (*NamedHistogram) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *NamedHistogram) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *NamedHistogram) GetHistogram() *Histogram {
+	if x != nil {
+		return x.Histogram
+	}
+	return nil
+}
+
+func (x *NamedHistogram) GetMissing() uint64 {
+	if x != nil {
+		return x.Missing
+	}
+	return 0
+}
+
+// InferenceAggregate folds the inferences of one model version in one slot
+// over one interval. Aggregates of the same (slot, model, version, interval)
+// merge by adding every count, so the controller can roll them up per
+// minute, per device, per cohort and per version.
+type InferenceAggregate struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Slot      string                 `protobuf:"bytes,1,opt,name=slot,proto3" json:"slot,omitempty"`
+	Model     string                 `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	Version   string                 `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`
+	RolloutId string                 `protobuf:"bytes,4,opt,name=rollout_id,json=rolloutId,proto3" json:"rollout_id,omitempty"`
+	// Start of the interval, Unix milliseconds, aligned to interval_ms.
+	StartUnixMs int64  `protobuf:"varint,5,opt,name=start_unix_ms,json=startUnixMs,proto3" json:"start_unix_ms,omitempty"`
+	IntervalMs  uint32 `protobuf:"varint,6,opt,name=interval_ms,json=intervalMs,proto3" json:"interval_ms,omitempty"`
+	Count       uint64 `protobuf:"varint,7,opt,name=count,proto3" json:"count,omitempty"`
+	// Failed inferences, timeouts included.
+	Errors   uint64 `protobuf:"varint,8,opt,name=errors,proto3" json:"errors,omitempty"`
+	Timeouts uint64 `protobuf:"varint,9,opt,name=timeouts,proto3" json:"timeouts,omitempty"`
+	// Latency in microseconds.
+	LatencyUs *Histogram `protobuf:"bytes,10,opt,name=latency_us,json=latencyUs,proto3" json:"latency_us,omitempty"`
+	// Per output, on the bin edges of the manifest's reference.
+	Outputs []*NamedHistogram `protobuf:"bytes,11,rep,name=outputs,proto3" json:"outputs,omitempty"`
+	// Per input feature, on the bin edges of the manifest's reference.
+	Features []*NamedHistogram `protobuf:"bytes,12,rep,name=features,proto3" json:"features,omitempty"`
+	// Data-quality counters over all input values.
+	NanValues        uint64 `protobuf:"varint,13,opt,name=nan_values,json=nanValues,proto3" json:"nan_values,omitempty"`
+	OutOfRangeValues uint64 `protobuf:"varint,14,opt,name=out_of_range_values,json=outOfRangeValues,proto3" json:"out_of_range_values,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *InferenceAggregate) Reset() {
+	*x = InferenceAggregate{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InferenceAggregate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InferenceAggregate) ProtoMessage() {}
+
+func (x *InferenceAggregate) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InferenceAggregate.ProtoReflect.Descriptor instead.
+func (*InferenceAggregate) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *InferenceAggregate) GetSlot() string {
+	if x != nil {
+		return x.Slot
+	}
+	return ""
+}
+
+func (x *InferenceAggregate) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *InferenceAggregate) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *InferenceAggregate) GetRolloutId() string {
+	if x != nil {
+		return x.RolloutId
+	}
+	return ""
+}
+
+func (x *InferenceAggregate) GetStartUnixMs() int64 {
+	if x != nil {
+		return x.StartUnixMs
+	}
+	return 0
+}
+
+func (x *InferenceAggregate) GetIntervalMs() uint32 {
+	if x != nil {
+		return x.IntervalMs
+	}
+	return 0
+}
+
+func (x *InferenceAggregate) GetCount() uint64 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+func (x *InferenceAggregate) GetErrors() uint64 {
+	if x != nil {
+		return x.Errors
+	}
+	return 0
+}
+
+func (x *InferenceAggregate) GetTimeouts() uint64 {
+	if x != nil {
+		return x.Timeouts
+	}
+	return 0
+}
+
+func (x *InferenceAggregate) GetLatencyUs() *Histogram {
+	if x != nil {
+		return x.LatencyUs
+	}
+	return nil
+}
+
+func (x *InferenceAggregate) GetOutputs() []*NamedHistogram {
+	if x != nil {
+		return x.Outputs
+	}
+	return nil
+}
+
+func (x *InferenceAggregate) GetFeatures() []*NamedHistogram {
+	if x != nil {
+		return x.Features
+	}
+	return nil
+}
+
+func (x *InferenceAggregate) GetNanValues() uint64 {
+	if x != nil {
+		return x.NanValues
+	}
+	return 0
+}
+
+func (x *InferenceAggregate) GetOutOfRangeValues() uint64 {
+	if x != nil {
+		return x.OutOfRangeValues
+	}
+	return 0
+}
+
+// RawSample is one sampled raw input (only when the desired state asks for
+// sampling; off by default).
+type RawSample struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Slot     string                 `protobuf:"bytes,1,opt,name=slot,proto3" json:"slot,omitempty"`
+	Model    string                 `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
+	Version  string                 `protobuf:"bytes,3,opt,name=version,proto3" json:"version,omitempty"`
+	AtUnixMs int64                  `protobuf:"varint,4,opt,name=at_unix_ms,json=atUnixMs,proto3" json:"at_unix_ms,omitempty"`
+	// The input tensors as an EFT1 frame (models/ABI.md).
+	Inputs        []byte `protobuf:"bytes,5,opt,name=inputs,proto3" json:"inputs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RawSample) Reset() {
+	*x = RawSample{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RawSample) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RawSample) ProtoMessage() {}
+
+func (x *RawSample) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RawSample.ProtoReflect.Descriptor instead.
+func (*RawSample) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *RawSample) GetSlot() string {
+	if x != nil {
+		return x.Slot
+	}
+	return ""
+}
+
+func (x *RawSample) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *RawSample) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *RawSample) GetAtUnixMs() int64 {
+	if x != nil {
+		return x.AtUnixMs
+	}
+	return 0
+}
+
+func (x *RawSample) GetInputs() []byte {
+	if x != nil {
+		return x.Inputs
+	}
+	return nil
+}
 
 // TelemetryBatch carries spooled records. The controller stores them and
 // then acknowledges their sequence numbers; (device, spool_epoch, seq) is
@@ -1160,7 +1576,7 @@ type TelemetryBatch struct {
 
 func (x *TelemetryBatch) Reset() {
 	*x = TelemetryBatch{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1172,7 +1588,7 @@ func (x *TelemetryBatch) String() string {
 func (*TelemetryBatch) ProtoMessage() {}
 
 func (x *TelemetryBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1185,7 +1601,7 @@ func (x *TelemetryBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TelemetryBatch.ProtoReflect.Descriptor instead.
 func (*TelemetryBatch) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{10}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *TelemetryBatch) GetSpoolEpoch() string {
@@ -1213,7 +1629,7 @@ type SeqRange struct {
 
 func (x *SeqRange) Reset() {
 	*x = SeqRange{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1225,7 +1641,7 @@ func (x *SeqRange) String() string {
 func (*SeqRange) ProtoMessage() {}
 
 func (x *SeqRange) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1238,7 +1654,7 @@ func (x *SeqRange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SeqRange.ProtoReflect.Descriptor instead.
 func (*SeqRange) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{11}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SeqRange) GetFirst() uint64 {
@@ -1266,7 +1682,7 @@ type TelemetryAck struct {
 
 func (x *TelemetryAck) Reset() {
 	*x = TelemetryAck{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1278,7 +1694,7 @@ func (x *TelemetryAck) String() string {
 func (*TelemetryAck) ProtoMessage() {}
 
 func (x *TelemetryAck) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1291,7 +1707,7 @@ func (x *TelemetryAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TelemetryAck.ProtoReflect.Descriptor instead.
 func (*TelemetryAck) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{12}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *TelemetryAck) GetSpoolEpoch() string {
@@ -1324,14 +1740,17 @@ type SlotAssignment struct {
 	Health *HealthPolicy `protobuf:"bytes,7,opt,name=health,proto3" json:"health,omitempty"`
 	// When set, the agent runs the new version in shadow (a copy of live
 	// inputs, answers never returned) before switching to it.
-	Shadow        *ShadowPolicy `protobuf:"bytes,8,opt,name=shadow,proto3" json:"shadow,omitempty"`
+	Shadow *ShadowPolicy `protobuf:"bytes,8,opt,name=shadow,proto3" json:"shadow,omitempty"`
+	// Fraction of inferences whose raw inputs are sampled into telemetry;
+	// zero (the default) samples nothing.
+	SampleRate    float64 `protobuf:"fixed64,9,opt,name=sample_rate,json=sampleRate,proto3" json:"sample_rate,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SlotAssignment) Reset() {
 	*x = SlotAssignment{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1343,7 +1762,7 @@ func (x *SlotAssignment) String() string {
 func (*SlotAssignment) ProtoMessage() {}
 
 func (x *SlotAssignment) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1356,7 +1775,7 @@ func (x *SlotAssignment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SlotAssignment.ProtoReflect.Descriptor instead.
 func (*SlotAssignment) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{13}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SlotAssignment) GetSlot() string {
@@ -1415,6 +1834,13 @@ func (x *SlotAssignment) GetShadow() *ShadowPolicy {
 	return nil
 }
 
+func (x *SlotAssignment) GetSampleRate() float64 {
+	if x != nil {
+		return x.SampleRate
+	}
+	return 0
+}
+
 // ShadowPolicy says how a candidate version is compared with the active one
 // before it takes over.
 type ShadowPolicy struct {
@@ -1436,7 +1862,7 @@ type ShadowPolicy struct {
 
 func (x *ShadowPolicy) Reset() {
 	*x = ShadowPolicy{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1448,7 +1874,7 @@ func (x *ShadowPolicy) String() string {
 func (*ShadowPolicy) ProtoMessage() {}
 
 func (x *ShadowPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1461,7 +1887,7 @@ func (x *ShadowPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShadowPolicy.ProtoReflect.Descriptor instead.
 func (*ShadowPolicy) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{14}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ShadowPolicy) GetMinInferences() uint32 {
@@ -1519,7 +1945,7 @@ type HealthPolicy struct {
 
 func (x *HealthPolicy) Reset() {
 	*x = HealthPolicy{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1531,7 +1957,7 @@ func (x *HealthPolicy) String() string {
 func (*HealthPolicy) ProtoMessage() {}
 
 func (x *HealthPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1544,7 +1970,7 @@ func (x *HealthPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthPolicy.ProtoReflect.Descriptor instead.
 func (*HealthPolicy) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{15}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *HealthPolicy) GetWatchMs() uint32 {
@@ -1591,7 +2017,7 @@ type DesiredState struct {
 
 func (x *DesiredState) Reset() {
 	*x = DesiredState{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1603,7 +2029,7 @@ func (x *DesiredState) String() string {
 func (*DesiredState) ProtoMessage() {}
 
 func (x *DesiredState) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1616,7 +2042,7 @@ func (x *DesiredState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesiredState.ProtoReflect.Descriptor instead.
 func (*DesiredState) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{16}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *DesiredState) GetDeviceId() string {
@@ -1667,7 +2093,7 @@ type SignedDesiredState struct {
 
 func (x *SignedDesiredState) Reset() {
 	*x = SignedDesiredState{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[17]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1679,7 +2105,7 @@ func (x *SignedDesiredState) String() string {
 func (*SignedDesiredState) ProtoMessage() {}
 
 func (x *SignedDesiredState) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[17]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1692,7 +2118,7 @@ func (x *SignedDesiredState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignedDesiredState.ProtoReflect.Descriptor instead.
 func (*SignedDesiredState) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{17}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SignedDesiredState) GetDesired() []byte {
@@ -1729,7 +2155,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[18]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1741,7 +2167,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[18]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1754,7 +2180,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{18}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Command) GetId() string {
@@ -1782,7 +2208,7 @@ var File_edgefleetv1_edgefleet_proto protoreflect.FileDescriptor
 
 const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\n" +
-	"\x1bedgefleetv1/edgefleet.proto\x12\fedgefleet.v1\"\xc4\x04\n" +
+	"\x1bedgefleetv1/edgefleet.proto\x12\fedgefleet.v1\"\xed\x04\n" +
 	"\bEnvelope\x12)\n" +
 	"\x10protocol_version\x18\x01 \x01(\rR\x0fprotocolVersion\x12\x1d\n" +
 	"\n" +
@@ -1797,7 +2223,8 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\ttelemetry\x18\x0e \x01(\v2\x1c.edgefleet.v1.TelemetryBatchH\x00R\ttelemetry\x12<\n" +
 	"\adesired\x18\x0f \x01(\v2 .edgefleet.v1.SignedDesiredStateH\x00R\adesired\x12.\n" +
 	"\x03ack\x18\x10 \x01(\v2\x1a.edgefleet.v1.TelemetryAckH\x00R\x03ack\x121\n" +
-	"\acommand\x18\x11 \x01(\v2\x15.edgefleet.v1.CommandH\x00R\acommandB\x06\n" +
+	"\acommand\x18\x11 \x01(\v2\x15.edgefleet.v1.CommandH\x00R\acommand\x12'\n" +
+	"\x0etelemetry_zstd\x18\x12 \x01(\fH\x00R\rtelemetryZstdB\x06\n" +
 	"\x04body\"\xbe\x02\n" +
 	"\x05Hello\x127\n" +
 	"\x06labels\x18\x01 \x03(\v2\x1f.edgefleet.v1.Hello.LabelsEntryR\x06labels\x12#\n" +
@@ -1835,7 +2262,7 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\x0fmean_score_diff\x18\x06 \x01(\x01R\rmeanScoreDiff\x12(\n" +
 	"\x10candidate_p99_us\x18\a \x01(\rR\x0ecandidateP99Us\x12\"\n" +
 	"\ractive_p99_us\x18\b \x01(\rR\vactiveP99Us\x12\"\n" +
-	"\rsince_unix_ms\x18\t \x01(\x03R\vsinceUnixMs\"\xab\x02\n" +
+	"\rsince_unix_ms\x18\t \x01(\x03R\vsinceUnixMs\"\xde\x03\n" +
 	"\rReportedState\x12-\n" +
 	"\x05slots\x18\x01 \x03(\v2\x17.edgefleet.v1.SlotStateR\x05slots\x12,\n" +
 	"\x06health\x18\x02 \x01(\x0e2\x14.edgefleet.v1.HealthR\x06health\x12-\n" +
@@ -1844,7 +2271,11 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"spoolDepth\x12#\n" +
 	"\rspool_dropped\x18\x05 \x01(\x04R\fspoolDropped\x12#\n" +
 	"\ragent_version\x18\x06 \x01(\tR\fagentVersion\x12#\n" +
-	"\rrecent_errors\x18\a \x03(\tR\frecentErrors\"\"\n" +
+	"\rrecent_errors\x18\a \x03(\tR\frecentErrors\x12i\n" +
+	"\x16spool_dropped_by_class\x18\b \x03(\v24.edgefleet.v1.ReportedState.SpoolDroppedByClassEntryR\x13spoolDroppedByClass\x1aF\n" +
+	"\x18SpoolDroppedByClassEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\"\n" +
 	"\bPresence\x12\x16\n" +
 	"\x06online\x18\x01 \x01(\bR\x06online\"\xeb\x01\n" +
 	"\x05Event\x12+\n" +
@@ -1866,12 +2297,48 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"at_unix_ms\x18\x03 \x01(\x03R\batUnixMs\x12\x1d\n" +
 	"\n" +
 	"latency_us\x18\x04 \x01(\rR\tlatencyUs\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error\"\x97\x01\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\"\x8c\x02\n" +
 	"\x0fTelemetryRecord\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12=\n" +
 	"\tinference\x18\x02 \x01(\v2\x1d.edgefleet.v1.InferenceRecordH\x00R\tinference\x12+\n" +
-	"\x05event\x18\x03 \x01(\v2\x13.edgefleet.v1.EventH\x00R\x05eventB\x06\n" +
-	"\x04body\"j\n" +
+	"\x05event\x18\x03 \x01(\v2\x13.edgefleet.v1.EventH\x00R\x05event\x12@\n" +
+	"\taggregate\x18\x04 \x01(\v2 .edgefleet.v1.InferenceAggregateH\x00R\taggregate\x121\n" +
+	"\x06sample\x18\x05 \x01(\v2\x17.edgefleet.v1.RawSampleH\x00R\x06sampleB\x06\n" +
+	"\x04body\";\n" +
+	"\tHistogram\x12\x16\n" +
+	"\x06bounds\x18\x01 \x03(\x01R\x06bounds\x12\x16\n" +
+	"\x06counts\x18\x02 \x03(\x04R\x06counts\"u\n" +
+	"\x0eNamedHistogram\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x125\n" +
+	"\thistogram\x18\x02 \x01(\v2\x17.edgefleet.v1.HistogramR\thistogram\x12\x18\n" +
+	"\amissing\x18\x03 \x01(\x04R\amissing\"\xfe\x03\n" +
+	"\x12InferenceAggregate\x12\x12\n" +
+	"\x04slot\x18\x01 \x01(\tR\x04slot\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\tR\aversion\x12\x1d\n" +
+	"\n" +
+	"rollout_id\x18\x04 \x01(\tR\trolloutId\x12\"\n" +
+	"\rstart_unix_ms\x18\x05 \x01(\x03R\vstartUnixMs\x12\x1f\n" +
+	"\vinterval_ms\x18\x06 \x01(\rR\n" +
+	"intervalMs\x12\x14\n" +
+	"\x05count\x18\a \x01(\x04R\x05count\x12\x16\n" +
+	"\x06errors\x18\b \x01(\x04R\x06errors\x12\x1a\n" +
+	"\btimeouts\x18\t \x01(\x04R\btimeouts\x126\n" +
+	"\n" +
+	"latency_us\x18\n" +
+	" \x01(\v2\x17.edgefleet.v1.HistogramR\tlatencyUs\x126\n" +
+	"\aoutputs\x18\v \x03(\v2\x1c.edgefleet.v1.NamedHistogramR\aoutputs\x128\n" +
+	"\bfeatures\x18\f \x03(\v2\x1c.edgefleet.v1.NamedHistogramR\bfeatures\x12\x1d\n" +
+	"\n" +
+	"nan_values\x18\r \x01(\x04R\tnanValues\x12-\n" +
+	"\x13out_of_range_values\x18\x0e \x01(\x04R\x10outOfRangeValues\"\x85\x01\n" +
+	"\tRawSample\x12\x12\n" +
+	"\x04slot\x18\x01 \x01(\tR\x04slot\x12\x14\n" +
+	"\x05model\x18\x02 \x01(\tR\x05model\x12\x18\n" +
+	"\aversion\x18\x03 \x01(\tR\aversion\x12\x1c\n" +
+	"\n" +
+	"at_unix_ms\x18\x04 \x01(\x03R\batUnixMs\x12\x16\n" +
+	"\x06inputs\x18\x05 \x01(\fR\x06inputs\"j\n" +
 	"\x0eTelemetryBatch\x12\x1f\n" +
 	"\vspool_epoch\x18\x01 \x01(\tR\n" +
 	"spoolEpoch\x127\n" +
@@ -1882,7 +2349,7 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\fTelemetryAck\x12\x1f\n" +
 	"\vspool_epoch\x18\x01 \x01(\tR\n" +
 	"spoolEpoch\x12.\n" +
-	"\x06stored\x18\x02 \x03(\v2\x16.edgefleet.v1.SeqRangeR\x06stored\"\x9b\x02\n" +
+	"\x06stored\x18\x02 \x03(\v2\x16.edgefleet.v1.SeqRangeR\x06stored\"\xbc\x02\n" +
 	"\x0eSlotAssignment\x12\x12\n" +
 	"\x04slot\x18\x01 \x01(\tR\x04slot\x12,\n" +
 	"\x05model\x18\x02 \x01(\v2\x16.edgefleet.v1.ModelRefR\x05model\x12\x10\n" +
@@ -1892,7 +2359,9 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"rollout_id\x18\x05 \x01(\tR\trolloutId\x12\x1a\n" +
 	"\brollback\x18\x06 \x01(\bR\brollback\x122\n" +
 	"\x06health\x18\a \x01(\v2\x1a.edgefleet.v1.HealthPolicyR\x06health\x122\n" +
-	"\x06shadow\x18\b \x01(\v2\x1a.edgefleet.v1.ShadowPolicyR\x06shadow\"\xa3\x01\n" +
+	"\x06shadow\x18\b \x01(\v2\x1a.edgefleet.v1.ShadowPolicyR\x06shadow\x12\x1f\n" +
+	"\vsample_rate\x18\t \x01(\x01R\n" +
+	"sampleRate\"\xa3\x01\n" +
 	"\fShadowPolicy\x12%\n" +
 	"\x0emin_inferences\x18\x01 \x01(\rR\rminInferences\x12\x15\n" +
 	"\x06max_ms\x18\x02 \x01(\rR\x05maxMs\x12#\n" +
@@ -1951,7 +2420,7 @@ func file_edgefleetv1_edgefleet_proto_rawDescGZIP() []byte {
 }
 
 var file_edgefleetv1_edgefleet_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_edgefleetv1_edgefleet_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_edgefleetv1_edgefleet_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_edgefleetv1_edgefleet_proto_goTypes = []any{
 	(Health)(0),                // 0: edgefleet.v1.Health
 	(EventKind)(0),             // 1: edgefleet.v1.EventKind
@@ -1965,28 +2434,33 @@ var file_edgefleetv1_edgefleet_proto_goTypes = []any{
 	(*Event)(nil),              // 9: edgefleet.v1.Event
 	(*InferenceRecord)(nil),    // 10: edgefleet.v1.InferenceRecord
 	(*TelemetryRecord)(nil),    // 11: edgefleet.v1.TelemetryRecord
-	(*TelemetryBatch)(nil),     // 12: edgefleet.v1.TelemetryBatch
-	(*SeqRange)(nil),           // 13: edgefleet.v1.SeqRange
-	(*TelemetryAck)(nil),       // 14: edgefleet.v1.TelemetryAck
-	(*SlotAssignment)(nil),     // 15: edgefleet.v1.SlotAssignment
-	(*ShadowPolicy)(nil),       // 16: edgefleet.v1.ShadowPolicy
-	(*HealthPolicy)(nil),       // 17: edgefleet.v1.HealthPolicy
-	(*DesiredState)(nil),       // 18: edgefleet.v1.DesiredState
-	(*SignedDesiredState)(nil), // 19: edgefleet.v1.SignedDesiredState
-	(*Command)(nil),            // 20: edgefleet.v1.Command
-	nil,                        // 21: edgefleet.v1.Hello.LabelsEntry
-	nil,                        // 22: edgefleet.v1.Command.ArgsEntry
+	(*Histogram)(nil),          // 12: edgefleet.v1.Histogram
+	(*NamedHistogram)(nil),     // 13: edgefleet.v1.NamedHistogram
+	(*InferenceAggregate)(nil), // 14: edgefleet.v1.InferenceAggregate
+	(*RawSample)(nil),          // 15: edgefleet.v1.RawSample
+	(*TelemetryBatch)(nil),     // 16: edgefleet.v1.TelemetryBatch
+	(*SeqRange)(nil),           // 17: edgefleet.v1.SeqRange
+	(*TelemetryAck)(nil),       // 18: edgefleet.v1.TelemetryAck
+	(*SlotAssignment)(nil),     // 19: edgefleet.v1.SlotAssignment
+	(*ShadowPolicy)(nil),       // 20: edgefleet.v1.ShadowPolicy
+	(*HealthPolicy)(nil),       // 21: edgefleet.v1.HealthPolicy
+	(*DesiredState)(nil),       // 22: edgefleet.v1.DesiredState
+	(*SignedDesiredState)(nil), // 23: edgefleet.v1.SignedDesiredState
+	(*Command)(nil),            // 24: edgefleet.v1.Command
+	nil,                        // 25: edgefleet.v1.Hello.LabelsEntry
+	nil,                        // 26: edgefleet.v1.ReportedState.SpoolDroppedByClassEntry
+	nil,                        // 27: edgefleet.v1.Command.ArgsEntry
 }
 var file_edgefleetv1_edgefleet_proto_depIdxs = []int32{
 	3,  // 0: edgefleet.v1.Envelope.hello:type_name -> edgefleet.v1.Hello
 	7,  // 1: edgefleet.v1.Envelope.state:type_name -> edgefleet.v1.ReportedState
 	8,  // 2: edgefleet.v1.Envelope.presence:type_name -> edgefleet.v1.Presence
 	9,  // 3: edgefleet.v1.Envelope.event:type_name -> edgefleet.v1.Event
-	12, // 4: edgefleet.v1.Envelope.telemetry:type_name -> edgefleet.v1.TelemetryBatch
-	19, // 5: edgefleet.v1.Envelope.desired:type_name -> edgefleet.v1.SignedDesiredState
-	14, // 6: edgefleet.v1.Envelope.ack:type_name -> edgefleet.v1.TelemetryAck
-	20, // 7: edgefleet.v1.Envelope.command:type_name -> edgefleet.v1.Command
-	21, // 8: edgefleet.v1.Hello.labels:type_name -> edgefleet.v1.Hello.LabelsEntry
+	16, // 4: edgefleet.v1.Envelope.telemetry:type_name -> edgefleet.v1.TelemetryBatch
+	23, // 5: edgefleet.v1.Envelope.desired:type_name -> edgefleet.v1.SignedDesiredState
+	18, // 6: edgefleet.v1.Envelope.ack:type_name -> edgefleet.v1.TelemetryAck
+	24, // 7: edgefleet.v1.Envelope.command:type_name -> edgefleet.v1.Command
+	25, // 8: edgefleet.v1.Hello.labels:type_name -> edgefleet.v1.Hello.LabelsEntry
 	7,  // 9: edgefleet.v1.Hello.state:type_name -> edgefleet.v1.ReportedState
 	4,  // 10: edgefleet.v1.SlotState.active:type_name -> edgefleet.v1.ModelRef
 	4,  // 11: edgefleet.v1.SlotState.previous:type_name -> edgefleet.v1.ModelRef
@@ -1995,22 +2469,29 @@ var file_edgefleetv1_edgefleet_proto_depIdxs = []int32{
 	4,  // 14: edgefleet.v1.ShadowState.candidate:type_name -> edgefleet.v1.ModelRef
 	5,  // 15: edgefleet.v1.ReportedState.slots:type_name -> edgefleet.v1.SlotState
 	0,  // 16: edgefleet.v1.ReportedState.health:type_name -> edgefleet.v1.Health
-	1,  // 17: edgefleet.v1.Event.kind:type_name -> edgefleet.v1.EventKind
-	4,  // 18: edgefleet.v1.Event.model:type_name -> edgefleet.v1.ModelRef
-	10, // 19: edgefleet.v1.TelemetryRecord.inference:type_name -> edgefleet.v1.InferenceRecord
-	9,  // 20: edgefleet.v1.TelemetryRecord.event:type_name -> edgefleet.v1.Event
-	11, // 21: edgefleet.v1.TelemetryBatch.records:type_name -> edgefleet.v1.TelemetryRecord
-	13, // 22: edgefleet.v1.TelemetryAck.stored:type_name -> edgefleet.v1.SeqRange
-	4,  // 23: edgefleet.v1.SlotAssignment.model:type_name -> edgefleet.v1.ModelRef
-	17, // 24: edgefleet.v1.SlotAssignment.health:type_name -> edgefleet.v1.HealthPolicy
-	16, // 25: edgefleet.v1.SlotAssignment.shadow:type_name -> edgefleet.v1.ShadowPolicy
-	15, // 26: edgefleet.v1.DesiredState.slots:type_name -> edgefleet.v1.SlotAssignment
-	22, // 27: edgefleet.v1.Command.args:type_name -> edgefleet.v1.Command.ArgsEntry
-	28, // [28:28] is the sub-list for method output_type
-	28, // [28:28] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	26, // 17: edgefleet.v1.ReportedState.spool_dropped_by_class:type_name -> edgefleet.v1.ReportedState.SpoolDroppedByClassEntry
+	1,  // 18: edgefleet.v1.Event.kind:type_name -> edgefleet.v1.EventKind
+	4,  // 19: edgefleet.v1.Event.model:type_name -> edgefleet.v1.ModelRef
+	10, // 20: edgefleet.v1.TelemetryRecord.inference:type_name -> edgefleet.v1.InferenceRecord
+	9,  // 21: edgefleet.v1.TelemetryRecord.event:type_name -> edgefleet.v1.Event
+	14, // 22: edgefleet.v1.TelemetryRecord.aggregate:type_name -> edgefleet.v1.InferenceAggregate
+	15, // 23: edgefleet.v1.TelemetryRecord.sample:type_name -> edgefleet.v1.RawSample
+	12, // 24: edgefleet.v1.NamedHistogram.histogram:type_name -> edgefleet.v1.Histogram
+	12, // 25: edgefleet.v1.InferenceAggregate.latency_us:type_name -> edgefleet.v1.Histogram
+	13, // 26: edgefleet.v1.InferenceAggregate.outputs:type_name -> edgefleet.v1.NamedHistogram
+	13, // 27: edgefleet.v1.InferenceAggregate.features:type_name -> edgefleet.v1.NamedHistogram
+	11, // 28: edgefleet.v1.TelemetryBatch.records:type_name -> edgefleet.v1.TelemetryRecord
+	17, // 29: edgefleet.v1.TelemetryAck.stored:type_name -> edgefleet.v1.SeqRange
+	4,  // 30: edgefleet.v1.SlotAssignment.model:type_name -> edgefleet.v1.ModelRef
+	21, // 31: edgefleet.v1.SlotAssignment.health:type_name -> edgefleet.v1.HealthPolicy
+	20, // 32: edgefleet.v1.SlotAssignment.shadow:type_name -> edgefleet.v1.ShadowPolicy
+	19, // 33: edgefleet.v1.DesiredState.slots:type_name -> edgefleet.v1.SlotAssignment
+	27, // 34: edgefleet.v1.Command.args:type_name -> edgefleet.v1.Command.ArgsEntry
+	35, // [35:35] is the sub-list for method output_type
+	35, // [35:35] is the sub-list for method input_type
+	35, // [35:35] is the sub-list for extension type_name
+	35, // [35:35] is the sub-list for extension extendee
+	0,  // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_edgefleetv1_edgefleet_proto_init() }
@@ -2027,10 +2508,13 @@ func file_edgefleetv1_edgefleet_proto_init() {
 		(*Envelope_Desired)(nil),
 		(*Envelope_Ack)(nil),
 		(*Envelope_Command)(nil),
+		(*Envelope_TelemetryZstd)(nil),
 	}
 	file_edgefleetv1_edgefleet_proto_msgTypes[9].OneofWrappers = []any{
 		(*TelemetryRecord_Inference)(nil),
 		(*TelemetryRecord_Event)(nil),
+		(*TelemetryRecord_Aggregate)(nil),
+		(*TelemetryRecord_Sample)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2038,7 +2522,7 @@ func file_edgefleetv1_edgefleet_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_edgefleetv1_edgefleet_proto_rawDesc), len(file_edgefleetv1_edgefleet_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   21,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
