@@ -32,11 +32,11 @@ func runModelCompile(ctx context.Context, e *exec, from compiler.Format, args []
 	fs.StringVar(out, "o", "", "short for --out")
 	fs.StringVar(out, "O", "", "short for --out")
 	desc := fs.String("description", "", "manifest description")
-	ref := fs.String("reference", "", "CSV sample of inputs: reference histograms for drift")
+	ref := fs.String("reference", "", "CSV sample of typical inputs: drift reference histograms (per feature on its deciles, per output on tenths or deciles)")
 	testIn := fs.String("test-inputs", "", "CSV of inputs whose predictions by the training library are in --test-outputs")
 	testOut := fs.String("test-outputs", "", "CSV of the training library's predictions for --test-inputs: golden test vectors")
 	tests := fs.Int("tests", compiler.DefaultTests, "most golden vectors to keep (rows with missing values are skipped)")
-	labels := fs.String("labels", "", "comma-separated class labels (default: from the model file, if it has them)")
+	labels := fs.String("labels", "", "comma-separated class labels, index = class id (default: from the model file; XGBoost classifiers: 0,1,...)")
 	inputName := fs.String("input-name", "", "input tensor name (default: input, or the ONNX graph's)")
 	pages := fs.Uint("memory-pages", 0, "manifest limits.memoryPages (default: what the model needs plus 16 MiB for batches)")
 	timeout := fs.Int("timeout-ms", 0, "manifest limits.timeoutMillis (default: the host's)")
@@ -100,6 +100,15 @@ func runModelCompile(ctx context.Context, e *exec, from compiler.Format, args []
 	fmt.Fprintf(e.stdout, "wrote %s: %s@%s sha256:%s\n", *out, res.Bundle.Manifest.Name, res.Bundle.Manifest.Version, res.Bundle.Digest)
 	fmt.Fprintf(e.stdout, "  module %d bytes (weights %d bytes), %d golden vectors, activation %s\n",
 		res.ModuleBytes, res.WeightBytes, res.Tests, activation.Round(10*time.Microsecond))
+	man := res.Bundle.Manifest
+	if len(man.Labels) > 0 {
+		fmt.Fprintf(e.stdout, "  class labels %s\n", strings.Join(man.Labels, ","))
+	}
+	if r := man.Reference; r != nil {
+		fmt.Fprintf(e.stdout, "  drift reference from %d rows: %d feature and %d output histograms\n", r.Rows, len(r.Features), len(r.Outputs))
+	} else {
+		fmt.Fprintln(e.stdout, "  note: no drift reference; pass --reference sample.csv (typical inputs) so rollouts can gate on drift")
+	}
 	if res.Tests == 0 {
 		fmt.Fprintln(e.stdout, "  note: no golden vectors; pass --test-inputs and --test-outputs (the training library's predictions) so devices check the module before serving it")
 	}

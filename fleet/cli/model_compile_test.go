@@ -30,9 +30,10 @@ func TestModelBuildAndPredict(t *testing.T) {
 	for _, c := range []struct {
 		from, dir, file, name string
 		labels                []string
+		wantLabels            string
 	}{
-		{"xgboost", "breast-cancer-risk", "model.xgb.json", "breast-cancer-risk", []string{"--labels", "benign,malignant"}},
-		{"onnx", "meter-digits", "model.onnx", "meter-digits", nil},
+		{"xgboost", "breast-cancer-risk", "model.xgb.json", "breast-cancer-risk", []string{"--labels", "benign,malignant"}, "benign,malignant"},
+		{"onnx", "meter-digits", "model.onnx", "meter-digits", nil, "0,1,2,3,4,5,6,7,8,9"},
 	} {
 		t.Run(c.from, func(t *testing.T) {
 			dir := examples + c.dir + "/"
@@ -49,6 +50,12 @@ func TestModelBuildAndPredict(t *testing.T) {
 			}
 			if b.Manifest.Version != "2.0.0" || len(b.Manifest.Tests) != 8 || !strings.Contains(stdout, b.Digest) || !strings.Contains(stdout, "8 golden vectors") {
 				t.Fatalf("manifest %+v; stdout %q", b.Manifest, stdout)
+			}
+			if r := b.Manifest.Reference; r == nil || r.Rows == 0 || len(r.Features) != int(b.Manifest.Inputs[0].Shape[1]) || !strings.Contains(stdout, "drift reference from") {
+				t.Fatalf("reference %+v; stdout %q", r, stdout)
+			}
+			if strings.Join(b.Manifest.Labels, ",") != c.wantLabels {
+				t.Fatalf("labels %v, want %s", b.Manifest.Labels, c.wantLabels)
 			}
 			code, stdout, stderr = run(t, "model", "predict", out, "--csv", dir+"inputs.csv")
 			if code != 0 {

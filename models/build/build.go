@@ -275,9 +275,12 @@ type ModelInfo struct {
 	Limits      bundle.Limits       `json:"limits,omitempty"`
 }
 
-// Golden is the content of a golden-<version>.json file.
+// Golden is the content of a golden-<version>.json file: the golden
+// vectors of that version and, optionally, its drift reference (the output
+// histograms depend on the version).
 type Golden struct {
-	Tests []bundle.TestVector `json:"tests"`
+	Tests     []bundle.TestVector `json:"tests"`
+	Reference *bundle.Reference   `json:"reference,omitempty"`
 }
 
 // ReadModelInfo reads an example's model.json strictly.
@@ -341,6 +344,7 @@ func (b *Builder) Example(ctx context.Context, name, version string) (*bundle.Bu
 		Outputs:     mi.Outputs,
 		Limits:      mi.Limits,
 		Tests:       g.Tests,
+		Reference:   g.Reference,
 	}
 	bd, err := bundle.New(man, module)
 	if err != nil {

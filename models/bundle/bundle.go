@@ -61,6 +61,12 @@ type Manifest struct {
 	Limits  Limits       `json:"limits,omitempty"`
 	// Tests are golden vectors the module must reproduce before activation.
 	Tests []TestVector `json:"tests,omitempty"`
+	// Labels names the classes of a classifier, index = class id: one per
+	// column of the first output, or two (negative, positive) for a
+	// single probability.
+	Labels []string `json:"labels,omitempty"`
+	// Reference holds the drift reference histograms (reference.go).
+	Reference *Reference `json:"reference,omitempty"`
 }
 
 // ModuleRef pins the module by digest and size.
@@ -156,7 +162,10 @@ func (m *Manifest) Validate() error {
 			seen[s.Name] = true
 		}
 	}
-	return nil
+	if err := m.validateLabels(); err != nil {
+		return err
+	}
+	return m.validateReference()
 }
 
 // Bundle is a decoded bundle.

@@ -167,6 +167,10 @@ func FuzzDecode(f *testing.F) {
 	good.Signature = []byte("signature")
 	enc, _ = good.Encode()
 	f.Add(enc)
+	// Labels and reference histograms.
+	rich, _ := New(classifier(), module)
+	enc, _ = rich.Encode()
+	f.Add(enc)
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		b, err := Decode(data)

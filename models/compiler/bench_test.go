@@ -222,8 +222,8 @@ func syntheticMLP(widths []int, seed uint64) []byte {
 }
 
 // TestModuleSize checks the size bar: a module is at most its
-// model's weight bytes plus 16 KiB (metadata included, reference
-// histograms not: they describe the training data, not the model).
+// model's weight bytes plus 16 KiB (metadata included; the reference
+// histograms are in the manifest, not the module).
 func TestModuleSize(t *testing.T) {
 	models := map[string]*compiler.Model{}
 	var err error

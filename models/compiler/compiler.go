@@ -11,9 +11,10 @@
 //
 // The manifest is filled from the model: input and output schema, class
 // labels, golden test vectors from the source library's own predictions,
-// and reference histograms for drift from a sample of inputs. Labels and
-// reference histograms travel in the module's metadata (ef_metadata), since
-// manifest.json has no field for them yet.
+// and reference histograms for drift from a sample of inputs
+// (bundle.Reference). The module's metadata (ef_metadata) repeats the
+// labels, and adds feature and output column names; the reference
+// histograms stay out of the module, which they would only make bigger.
 package compiler
 
 import (
@@ -293,8 +294,6 @@ type Metadata struct {
 	// Labels names the classes: one per column of a probabilities output,
 	// or two (negative, positive) for a single probability.
 	Labels []string `json:"labels,omitempty"`
-	// Reference holds the drift reference histograms.
-	Reference *Reference `json:"reference,omitempty"`
 }
 
 // SourceInfo describes the model file a module was compiled from.
@@ -318,7 +317,7 @@ func Compile(m *Model, o Options) (*Result, error) {
 			return nil, fmt.Errorf("output %q has the input's name; set another input name", out.Name)
 		}
 	}
-	labels := m.Labels
+	labels := m.DefaultLabels()
 	if o.Labels != nil {
 		labels = o.Labels
 	}
@@ -338,12 +337,12 @@ func Compile(m *Model, o Options) (*Result, error) {
 		}
 		md.Outputs = append(md.Outputs, tensor.Spec{Name: out.Name, Datatype: "FP32", Shape: shape})
 	}
+	var ref *bundle.Reference
 	if o.Reference != nil {
-		ref, err := NewReference(m, o.Reference)
-		if err != nil {
+		var err error
+		if ref, err = NewReference(m, o.Reference); err != nil {
 			return nil, err
 		}
-		md.Reference = ref
 	}
 	tests, err := goldens(m, inputName, o)
 	if err != nil {
@@ -373,7 +372,7 @@ func Compile(m *Model, o Options) (*Result, error) {
 
 	man := bundle.Manifest{
 		ABI: ABIVersion, Name: o.Name, Version: o.Version, Description: o.Description,
-		Limits: o.Limits, Tests: tests,
+		Limits: o.Limits, Tests: tests, Labels: labels, Reference: ref,
 	}
 	for _, s := range md.Inputs {
 		man.Inputs = append(man.Inputs, bundle.TensorSpec(s))
@@ -386,6 +385,31 @@ func Compile(m *Model, o Options) (*Result, error) {
 		return nil, err
 	}
 	return &Result{Bundle: bd, Metadata: md, ModuleBytes: len(module), WeightBytes: m.WeightBytes(), Tests: len(tests)}, nil
+}
+
+// DefaultLabels returns the class labels of a model with no --labels: the
+// ones the model file names (an ONNX model's "labels" metadata); else, for
+// an XGBoost classifier, the class ids XGBoost itself uses ("0", "1", ...:
+// two for binary:logistic, one per class for multi:softprob); else none.
+func (m *Model) DefaultLabels() []string {
+	if m.Labels != nil {
+		return m.Labels
+	}
+	if m.XGBoost == nil {
+		return nil
+	}
+	n := 0
+	switch m.XGBoost.Transform {
+	case xgboost.Sigmoid:
+		n = 2
+	case xgboost.Softmax:
+		n = m.XGBoost.Groups
+	}
+	var labels []string
+	for i := 0; i < n; i++ {
+		labels = append(labels, strconv.Itoa(i))
+	}
+	return labels
 }
 
 func checkLabels(m *Model, labels []string) error {

@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -169,20 +170,34 @@ func TestMetadataAndManifest(t *testing.T) {
 	if len(md.Features) != 30 || md.Features[0] != "mean_radius" || strings.Join(md.Labels, ",") != "benign,malignant" {
 		t.Fatalf("features %v labels %v", md.Features, md.Labels)
 	}
-	ref := md.Reference
-	if ref == nil || ref.Rows != 200 || len(ref.Inputs) != 30 || len(ref.Outputs) != 1 {
+	if strings.Join(man.Labels, ",") != "benign,malignant" {
+		t.Fatalf("manifest labels %v", man.Labels)
+	}
+	ref := man.Reference
+	if ref == nil || ref.Rows != 200 || len(ref.Features) != 30 || len(ref.Outputs) != 1 {
 		t.Fatalf("reference %+v", ref)
 	}
-	var total, missing int64
-	for _, c := range ref.Inputs[0].Counts {
-		total += c
+	// Missing values are in no bucket: some of feature 0's are missing.
+	if total := ref.Features[0].Total(); total >= 200 || total < 150 {
+		t.Fatalf("feature 0 histogram counts %d of 200 rows, want most but not all (some are missing)", total)
 	}
-	missing = ref.Inputs[0].Missing
-	if total+missing != 200 || missing == 0 {
-		t.Fatalf("feature 0 histogram counts %d + %d missing, want 200 with some missing", total, missing)
+	if ref.Features[0].Name != "mean_radius" || len(ref.Features[0].Edges) != compiler.ReferenceBins-1 {
+		t.Fatalf("feature 0 histogram %+v, want mean_radius on 9 decile edges", ref.Features[0])
 	}
-	if len(ref.Outputs[0].Edges) != 9 {
-		t.Fatalf("probability histogram edges %v", ref.Outputs[0].Edges)
+	if o := ref.Outputs[0]; o.Name != "probability" || !reflect.DeepEqual(o.Edges, compiler.ProbabilityEdges) || o.Total() != 200 {
+		t.Fatalf("probability histogram %+v", o)
+	}
+	// The reference survives encoding and decoding.
+	enc, err := res.Bundle.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec, err := bundle.Decode(enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(dec.Manifest.Reference, ref) {
+		t.Fatal("reference differs after decoding the bundle")
 	}
 	// The module reports the same metadata.
 	h := modeltest.NewHost(t, host.Options{})

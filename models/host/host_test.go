@@ -278,7 +278,7 @@ func TestLoadRefusesMismatchedManifest(t *testing.T) {
 		{"other name", func(m *bundle.Manifest) { m.Name = "other" }, "module says it is grid-anomaly"},
 		{"other inputs", func(m *bundle.Manifest) {
 			m.Inputs = []bundle.TensorSpec{{Name: "readings", Datatype: "FP32", Shape: []int64{-1, 5}}}
-			m.Tests = nil
+			m.Tests, m.Reference = nil, nil // the reference has 4 feature histograms
 		}, "inputs"},
 		{"abi 2", func(m *bundle.Manifest) { m.ABI = 2 }, "manifest asks for model ABI v2; this host speaks model ABI v1"},
 	}

@@ -51,7 +51,11 @@ const MaxOIPData = 4 * MaxFrame
 // (row-major, as many elements as the shape holds) or nested arrays that
 // follow the shape exactly. Numbers must fit the datatype exactly: an
 // integer type takes only whole numbers in range, BOOL takes only true and
-// false. The shape must be concrete (no -1).
+// false. In floating-point data (FP16, FP32, FP64) a JSON null is a missing
+// value and becomes NaN, which is how models see missing values (a
+// compiled tree follows its split's default direction); JSON has no NaN
+// literal, and OIP names no other way to send one. Other datatypes refuse
+// null. The shape must be concrete (no -1).
 func FromOIP(o OIPTensor) (Tensor, error) {
 	d, err := ParseDType(o.Datatype)
 	if err != nil {
@@ -194,6 +198,13 @@ func putToken(data []byte, d DType, i int, tok json.Token) error {
 			data[i] = 1
 		}
 		return nil
+	}
+	if tok == nil { // JSON null: a missing value
+		switch d {
+		case FP16, FP32, FP64:
+			return putFloat(data, d, i, math.NaN())
+		}
+		return fmt.Errorf("%w: null (a missing value) is not a %s value; only FP16, FP32 and FP64 data can hold missing values", ErrInvalid, d)
 	}
 	num, ok := tok.(json.Number)
 	if !ok {

@@ -396,7 +396,16 @@ func TestFromOIP(t *testing.T) {
 		{"mixed levels 2", "FP32", []int64{2, 2}, "[[1, 2], 3, 4]", nil},
 		{"scalar bare for vector", "FP32", []int64{1}, "7", nil},
 		{"string", "FP32", []int64{1}, `["1"]`, nil},
-		{"null", "FP32", []int64{1}, `[null]`, nil},
+		{"null is missing (FP32)", "FP32", []int64{3}, `[1, null, 3]`, fp(1, float32(math.NaN()), 3)},
+		{"null is missing (nested)", "FP32", []int64{2, 2}, `[[null, 2], [3, null]]`, fp(float32(math.NaN()), 2, 3, float32(math.NaN()))},
+		{"null is missing (FP64)", "FP64", []int64{1}, `[null]`, binary.LittleEndian.AppendUint64(nil, math.Float64bits(math.NaN()))},
+		{"null is missing (FP16)", "FP16", []int64{1}, `[null]`, []byte{0x00, 0x7e}},
+		{"scalar null", "FP32", []int64{}, `null`, fp(float32(math.NaN()))},
+		{"null for int", "INT32", []int64{1}, `[null]`, nil},
+		{"null for bool", "BOOL", []int64{1}, `[null]`, nil},
+		{"null for int64", "INT64", []int64{1}, `[null]`, nil},
+		{"null data", "FP32", []int64{1}, `null`, nil},
+		{"null row", "FP32", []int64{2, 1}, `[[1], null]`, nil},
 		{"object", "FP32", []int64{1}, `{"a": 1}`, nil},
 		{"trailing", "FP32", []int64{1}, `[1] [2]`, nil},
 		{"broken json", "FP32", []int64{1}, `[1`, nil},
@@ -468,6 +477,9 @@ func FuzzFromOIP(f *testing.F) {
 	f.Add("BOOL", []byte{1}, []byte("[true]"))
 	f.Add("INT64", []byte{}, []byte("-9223372036854775808"))
 	f.Add("UINT8", []byte{0, 3}, []byte("[]"))
+	f.Add("FP32", []byte{1, 3}, []byte("[[1,null,3]]"))
+	f.Add("FP64", []byte{2}, []byte("[null,2]"))
+	f.Add("INT32", []byte{1}, []byte("[null]"))
 	f.Fuzz(func(t *testing.T, datatype string, shape []byte, data []byte) {
 		if len(shape) > 8 {
 			return
@@ -490,7 +502,7 @@ func FuzzFromOIP(f *testing.F) {
 		// and FP32 were already rounded on the way in).
 		o, err := ToOIP(got)
 		if err != nil {
-			return // NaN or Inf cannot go to JSON; FromOIP never makes them, but overflow to Inf in FP16 could
+			return // NaN (from null) or Inf (FP16 overflow) cannot go back to JSON
 		}
 		again, err := FromOIP(o)
 		if err != nil || !bytes.Equal(again.Data, got.Data) {

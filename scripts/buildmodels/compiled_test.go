@@ -58,5 +58,8 @@ func TestBuildCompiled(t *testing.T) {
 		if len(b.Manifest.Tests) == 0 || !strings.Contains(stdout.String(), b.Digest) {
 			t.Errorf("%s: %d tests; digest printed: %v", n, len(b.Manifest.Tests), strings.Contains(stdout.String(), b.Digest))
 		}
+		if b.Manifest.Reference == nil {
+			t.Errorf("%s: no drift reference in the manifest", n)
+		}
 	}
 }

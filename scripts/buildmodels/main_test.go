@@ -55,6 +55,11 @@ func TestBuildModels(t *testing.T) {
 		if name := b.Manifest.Name + "-" + b.Manifest.Version + ".bundle"; name != base || len(b.Manifest.Tests) == 0 {
 			t.Fatalf("%s holds %s with %d tests", base, name, len(b.Manifest.Tests))
 		}
+		// Every example carries a drift reference, so rollouts of it can
+		// gate on drift.
+		if r := b.Manifest.Reference; r == nil || r.Rows == 0 || len(r.Features) == 0 || len(r.Outputs) == 0 {
+			t.Fatalf("%s: no drift reference in the manifest: %+v", base, r)
+		}
 	}
 	for name, seen := range want {
 		if !seen {

@@ -4,12 +4,14 @@ import (
 	"encoding/json"
 	"flag"
 	"math"
+	"math/rand/v2"
 	"os"
 	"reflect"
 	"testing"
 
 	"github.com/edgefleet/edgefleet/models/build"
 	"github.com/edgefleet/edgefleet/models/bundle"
+	"github.com/edgefleet/edgefleet/models/compiler"
 	"github.com/edgefleet/edgefleet/models/tensor"
 )
 
@@ -60,7 +62,47 @@ func expected(t *testing.T, version string) build.Golden {
 			Tolerance: 1e-5,
 		})
 	}
+	g.Reference = reference(c)
 	return g
+}
+
+// referenceRows is the size of the reference sample.
+const referenceRows = 1000
+
+// reference computes a version's drift reference from a synthetic sample
+// of healthy grid readings: volts N(230, 3), amps N(10, 1), hertz N(50,
+// 0.05), degrees C N(35, 4), and one row in twenty a voltage swell of +40 V
+// (what `make run` sends). Features are binned on the sample's deciles,
+// the score on tenths, as the model compiler does (models/compiler).
+func reference(c Calibration) *bundle.Reference {
+	rng := rand.New(rand.NewPCG(7, 11))
+	cols := make([][]float64, 4)
+	var scores []float64
+	for range referenceRows {
+		r := []float64{230 + rng.NormFloat64()*3, 10 + rng.NormFloat64(), 50 + rng.NormFloat64()*0.05, 35 + rng.NormFloat64()*4}
+		if rng.IntN(20) == 0 {
+			r[0] += 40
+		}
+		for i := range r {
+			r[i] = float64(float32(r[i]))
+			cols[i] = append(cols[i], r[i])
+		}
+		scores = append(scores, float64(float32(c.Score(r[0], r[1], r[2], r[3]))))
+	}
+	ref := &bundle.Reference{Rows: referenceRows}
+	for i, name := range []string{"volts", "amps", "hertz", "tempC"} {
+		ref.Features = append(ref.Features, histogram(name, cols[i], compiler.QuantileEdges(cols[i])))
+	}
+	ref.Outputs = []bundle.RefHistogram{histogram("score", scores, compiler.ProbabilityEdges)}
+	return ref
+}
+
+func histogram(name string, values, edges []float64) bundle.RefHistogram {
+	h := bundle.RefHistogram{Name: name, Edges: edges, Counts: make([]uint64, len(edges)+1)}
+	for _, v := range values {
+		h.Counts[bundle.Bucket(edges, v)]++
+	}
+	return h
 }
 
 func TestGoldenFiles(t *testing.T) {
