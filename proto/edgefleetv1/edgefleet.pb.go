@@ -93,6 +93,9 @@ const (
 	EventKind_EVENT_KIND_FAILED      EventKind = 5
 	EventKind_EVENT_KIND_ROLLED_BACK EventKind = 6
 	EventKind_EVENT_KIND_REFUSED     EventKind = 7
+	// The agent's own binary was swapped for a release and restarted; the
+	// watchdog's trial of the new version runs.
+	EventKind_EVENT_KIND_AGENT_RESTARTING EventKind = 8
 )
 
 // Enum value maps for EventKind.
@@ -106,16 +109,18 @@ var (
 		5: "EVENT_KIND_FAILED",
 		6: "EVENT_KIND_ROLLED_BACK",
 		7: "EVENT_KIND_REFUSED",
+		8: "EVENT_KIND_AGENT_RESTARTING",
 	}
 	EventKind_value = map[string]int32{
-		"EVENT_KIND_UNSPECIFIED": 0,
-		"EVENT_KIND_DOWNLOADING": 1,
-		"EVENT_KIND_VERIFIED":    2,
-		"EVENT_KIND_ACTIVATED":   3,
-		"EVENT_KIND_HEALTHY":     4,
-		"EVENT_KIND_FAILED":      5,
-		"EVENT_KIND_ROLLED_BACK": 6,
-		"EVENT_KIND_REFUSED":     7,
+		"EVENT_KIND_UNSPECIFIED":      0,
+		"EVENT_KIND_DOWNLOADING":      1,
+		"EVENT_KIND_VERIFIED":         2,
+		"EVENT_KIND_ACTIVATED":        3,
+		"EVENT_KIND_HEALTHY":          4,
+		"EVENT_KIND_FAILED":           5,
+		"EVENT_KIND_ROLLED_BACK":      6,
+		"EVENT_KIND_REFUSED":          7,
+		"EVENT_KIND_AGENT_RESTARTING": 8,
 	}
 )
 
@@ -146,6 +151,58 @@ func (EventKind) EnumDescriptor() ([]byte, []int) {
 	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{1}
 }
 
+// KeyRole names what a key signs.
+type KeyRole int32
+
+const (
+	KeyRole_KEY_ROLE_UNSPECIFIED KeyRole = 0
+	// Signs bundle manifests and agent releases (operators, offline).
+	KeyRole_KEY_ROLE_RELEASE KeyRole = 1
+	// Signs desired states (the controller).
+	KeyRole_KEY_ROLE_DIRECTOR KeyRole = 2
+)
+
+// Enum value maps for KeyRole.
+var (
+	KeyRole_name = map[int32]string{
+		0: "KEY_ROLE_UNSPECIFIED",
+		1: "KEY_ROLE_RELEASE",
+		2: "KEY_ROLE_DIRECTOR",
+	}
+	KeyRole_value = map[string]int32{
+		"KEY_ROLE_UNSPECIFIED": 0,
+		"KEY_ROLE_RELEASE":     1,
+		"KEY_ROLE_DIRECTOR":    2,
+	}
+)
+
+func (x KeyRole) Enum() *KeyRole {
+	p := new(KeyRole)
+	*p = x
+	return p
+}
+
+func (x KeyRole) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (KeyRole) Descriptor() protoreflect.EnumDescriptor {
+	return file_edgefleetv1_edgefleet_proto_enumTypes[2].Descriptor()
+}
+
+func (KeyRole) Type() protoreflect.EnumType {
+	return &file_edgefleetv1_edgefleet_proto_enumTypes[2]
+}
+
+func (x KeyRole) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use KeyRole.Descriptor instead.
+func (KeyRole) EnumDescriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{2}
+}
+
 // Envelope wraps every message on the wire.
 type Envelope struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -168,6 +225,7 @@ type Envelope struct {
 	//	*Envelope_Ack
 	//	*Envelope_Command
 	//	*Envelope_TelemetryZstd
+	//	*Envelope_Keys
 	Body          isEnvelope_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -319,6 +377,15 @@ func (x *Envelope) GetTelemetryZstd() []byte {
 	return nil
 }
 
+func (x *Envelope) GetKeys() *KeyAnnouncements {
+	if x != nil {
+		if x, ok := x.Body.(*Envelope_Keys); ok {
+			return x.Keys
+		}
+	}
+	return nil
+}
+
 type isEnvelope_Body interface {
 	isEnvelope_Body()
 }
@@ -361,6 +428,12 @@ type Envelope_TelemetryZstd struct {
 	TelemetryZstd []byte `protobuf:"bytes,18,opt,name=telemetry_zstd,json=telemetryZstd,proto3,oneof"`
 }
 
+type Envelope_Keys struct {
+	// Every key announcement so far (controller -> agent, retained on
+	// ef/v1/dev/{id}/keys).
+	Keys *KeyAnnouncements `protobuf:"bytes,19,opt,name=keys,proto3,oneof"`
+}
+
 func (*Envelope_Hello) isEnvelope_Body() {}
 
 func (*Envelope_State) isEnvelope_Body() {}
@@ -379,6 +452,8 @@ func (*Envelope_Command) isEnvelope_Body() {}
 
 func (*Envelope_TelemetryZstd) isEnvelope_Body() {}
 
+func (*Envelope_Keys) isEnvelope_Body() {}
+
 // Hello is sent by an agent on every (re)connect.
 type Hello struct {
 	state        protoimpl.MessageState `protogen:"open.v1"`
@@ -389,9 +464,12 @@ type Hello struct {
 	// Free-form capability names ("shadow", "selfupdate", ...).
 	Capabilities []string `protobuf:"bytes,4,rep,name=capabilities,proto3" json:"capabilities,omitempty"`
 	// What runs now, so the controller's inventory is right from the first message.
-	State         *ReportedState `protobuf:"bytes,5,opt,name=state,proto3" json:"state,omitempty"`
-	Os            string         `protobuf:"bytes,6,opt,name=os,proto3" json:"os,omitempty"`
-	Arch          string         `protobuf:"bytes,7,opt,name=arch,proto3" json:"arch,omitempty"`
+	State *ReportedState `protobuf:"bytes,5,opt,name=state,proto3" json:"state,omitempty"`
+	Os    string         `protobuf:"bytes,6,opt,name=os,proto3" json:"os,omitempty"`
+	Arch  string         `protobuf:"bytes,7,opt,name=arch,proto3" json:"arch,omitempty"`
+	// Set while an agent self-update is in progress or was just undone, so
+	// the controller knows from the first message (see AgentUpdateState).
+	AgentUpdate   *AgentUpdateState `protobuf:"bytes,8,opt,name=agent_update,json=agentUpdate,proto3" json:"agent_update,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -473,6 +551,13 @@ func (x *Hello) GetArch() string {
 		return x.Arch
 	}
 	return ""
+}
+
+func (x *Hello) GetAgentUpdate() *AgentUpdateState {
+	if x != nil {
+		return x.AgentUpdate
+	}
+	return nil
 }
 
 // ModelRef names one model version and the bundle it came from.
@@ -776,8 +861,11 @@ type ReportedState struct {
 	// Records dropped from the spool since it was created, by class
 	// ("sample", "inference", "aggregate", "event").
 	SpoolDroppedByClass map[string]uint64 `protobuf:"bytes,8,rep,name=spool_dropped_by_class,json=spoolDroppedByClass,proto3" json:"spool_dropped_by_class,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Where the agent's own update stands. Unset from agents without
+	// self-update: their agent_version is then all the controller knows.
+	AgentUpdate   *AgentUpdateState `protobuf:"bytes,12,opt,name=agent_update,json=agentUpdate,proto3" json:"agent_update,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ReportedState) Reset() {
@@ -866,6 +954,115 @@ func (x *ReportedState) GetSpoolDroppedByClass() map[string]uint64 {
 	return nil
 }
 
+func (x *ReportedState) GetAgentUpdate() *AgentUpdateState {
+	if x != nil {
+		return x.AgentUpdate
+	}
+	return nil
+}
+
+// AgentUpdateState reports the agent binary's self-update.
+type AgentUpdateState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The version running now (equal to agent_version).
+	Running string `protobuf:"bytes,1,opt,name=running,proto3" json:"running,omitempty"`
+	// True once the running version connected and reported after it
+	// started (for a new version: its watchdog trial passed). A rollout
+	// counts the device on a release only when this is set.
+	Healthy bool `protobuf:"varint,2,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	// When the running version started, Unix milliseconds.
+	SinceUnixMs int64 `protobuf:"varint,3,opt,name=since_unix_ms,json=sinceUnixMs,proto3" json:"since_unix_ms,omitempty"`
+	// A release being downloaded, verified or tried; empty otherwise.
+	Pending string `protobuf:"bytes,4,opt,name=pending,proto3" json:"pending,omitempty"`
+	// Why the last update failed or was undone; empty when fine.
+	LastError string `protobuf:"bytes,5,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	// Rollout of the release pending or last applied.
+	RolloutId string `protobuf:"bytes,6,opt,name=rollout_id,json=rolloutId,proto3" json:"rollout_id,omitempty"`
+	// The version the watchdog restores if the running one fails its trial.
+	Previous      string `protobuf:"bytes,7,opt,name=previous,proto3" json:"previous,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AgentUpdateState) Reset() {
+	*x = AgentUpdateState{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AgentUpdateState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AgentUpdateState) ProtoMessage() {}
+
+func (x *AgentUpdateState) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AgentUpdateState.ProtoReflect.Descriptor instead.
+func (*AgentUpdateState) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *AgentUpdateState) GetRunning() string {
+	if x != nil {
+		return x.Running
+	}
+	return ""
+}
+
+func (x *AgentUpdateState) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
+func (x *AgentUpdateState) GetSinceUnixMs() int64 {
+	if x != nil {
+		return x.SinceUnixMs
+	}
+	return 0
+}
+
+func (x *AgentUpdateState) GetPending() string {
+	if x != nil {
+		return x.Pending
+	}
+	return ""
+}
+
+func (x *AgentUpdateState) GetLastError() string {
+	if x != nil {
+		return x.LastError
+	}
+	return ""
+}
+
+func (x *AgentUpdateState) GetRolloutId() string {
+	if x != nil {
+		return x.RolloutId
+	}
+	return ""
+}
+
+func (x *AgentUpdateState) GetPrevious() string {
+	if x != nil {
+		return x.Previous
+	}
+	return ""
+}
+
 // Presence is published retained; the agent's last will carries online=false.
 type Presence struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -876,7 +1073,7 @@ type Presence struct {
 
 func (x *Presence) Reset() {
 	*x = Presence{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[6]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -888,7 +1085,7 @@ func (x *Presence) String() string {
 func (*Presence) ProtoMessage() {}
 
 func (x *Presence) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[6]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -901,7 +1098,7 @@ func (x *Presence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Presence.ProtoReflect.Descriptor instead.
 func (*Presence) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{6}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Presence) GetOnline() bool {
@@ -928,7 +1125,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[7]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -940,7 +1137,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[7]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -953,7 +1150,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{7}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Event) GetKind() EventKind {
@@ -1020,7 +1217,7 @@ type InferenceRecord struct {
 
 func (x *InferenceRecord) Reset() {
 	*x = InferenceRecord{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[8]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1032,7 +1229,7 @@ func (x *InferenceRecord) String() string {
 func (*InferenceRecord) ProtoMessage() {}
 
 func (x *InferenceRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[8]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1045,7 +1242,7 @@ func (x *InferenceRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferenceRecord.ProtoReflect.Descriptor instead.
 func (*InferenceRecord) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{8}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *InferenceRecord) GetModel() string {
@@ -1100,7 +1297,7 @@ type TelemetryRecord struct {
 
 func (x *TelemetryRecord) Reset() {
 	*x = TelemetryRecord{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[9]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1112,7 +1309,7 @@ func (x *TelemetryRecord) String() string {
 func (*TelemetryRecord) ProtoMessage() {}
 
 func (x *TelemetryRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[9]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1125,7 +1322,7 @@ func (x *TelemetryRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TelemetryRecord.ProtoReflect.Descriptor instead.
 func (*TelemetryRecord) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{9}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *TelemetryRecord) GetSeq() uint64 {
@@ -1220,7 +1417,7 @@ type Histogram struct {
 
 func (x *Histogram) Reset() {
 	*x = Histogram{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1232,7 +1429,7 @@ func (x *Histogram) String() string {
 func (*Histogram) ProtoMessage() {}
 
 func (x *Histogram) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[10]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1245,7 +1442,7 @@ func (x *Histogram) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Histogram.ProtoReflect.Descriptor instead.
 func (*Histogram) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{10}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Histogram) GetBounds() []float64 {
@@ -1276,7 +1473,7 @@ type NamedHistogram struct {
 
 func (x *NamedHistogram) Reset() {
 	*x = NamedHistogram{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1288,7 +1485,7 @@ func (x *NamedHistogram) String() string {
 func (*NamedHistogram) ProtoMessage() {}
 
 func (x *NamedHistogram) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[11]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1301,7 +1498,7 @@ func (x *NamedHistogram) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NamedHistogram.ProtoReflect.Descriptor instead.
 func (*NamedHistogram) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{11}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *NamedHistogram) GetName() string {
@@ -1357,7 +1554,7 @@ type InferenceAggregate struct {
 
 func (x *InferenceAggregate) Reset() {
 	*x = InferenceAggregate{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1369,7 +1566,7 @@ func (x *InferenceAggregate) String() string {
 func (*InferenceAggregate) ProtoMessage() {}
 
 func (x *InferenceAggregate) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[12]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1382,7 +1579,7 @@ func (x *InferenceAggregate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InferenceAggregate.ProtoReflect.Descriptor instead.
 func (*InferenceAggregate) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{12}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *InferenceAggregate) GetSlot() string {
@@ -1499,7 +1696,7 @@ type RawSample struct {
 
 func (x *RawSample) Reset() {
 	*x = RawSample{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1511,7 +1708,7 @@ func (x *RawSample) String() string {
 func (*RawSample) ProtoMessage() {}
 
 func (x *RawSample) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[13]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1524,7 +1721,7 @@ func (x *RawSample) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RawSample.ProtoReflect.Descriptor instead.
 func (*RawSample) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{13}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RawSample) GetSlot() string {
@@ -1576,7 +1773,7 @@ type TelemetryBatch struct {
 
 func (x *TelemetryBatch) Reset() {
 	*x = TelemetryBatch{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1588,7 +1785,7 @@ func (x *TelemetryBatch) String() string {
 func (*TelemetryBatch) ProtoMessage() {}
 
 func (x *TelemetryBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[14]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1601,7 +1798,7 @@ func (x *TelemetryBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TelemetryBatch.ProtoReflect.Descriptor instead.
 func (*TelemetryBatch) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{14}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *TelemetryBatch) GetSpoolEpoch() string {
@@ -1629,7 +1826,7 @@ type SeqRange struct {
 
 func (x *SeqRange) Reset() {
 	*x = SeqRange{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1641,7 +1838,7 @@ func (x *SeqRange) String() string {
 func (*SeqRange) ProtoMessage() {}
 
 func (x *SeqRange) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[15]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1654,7 +1851,7 @@ func (x *SeqRange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SeqRange.ProtoReflect.Descriptor instead.
 func (*SeqRange) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{15}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SeqRange) GetFirst() uint64 {
@@ -1682,7 +1879,7 @@ type TelemetryAck struct {
 
 func (x *TelemetryAck) Reset() {
 	*x = TelemetryAck{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1694,7 +1891,7 @@ func (x *TelemetryAck) String() string {
 func (*TelemetryAck) ProtoMessage() {}
 
 func (x *TelemetryAck) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[16]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1707,7 +1904,7 @@ func (x *TelemetryAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TelemetryAck.ProtoReflect.Descriptor instead.
 func (*TelemetryAck) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{16}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *TelemetryAck) GetSpoolEpoch() string {
@@ -1750,7 +1947,7 @@ type SlotAssignment struct {
 
 func (x *SlotAssignment) Reset() {
 	*x = SlotAssignment{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[17]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1762,7 +1959,7 @@ func (x *SlotAssignment) String() string {
 func (*SlotAssignment) ProtoMessage() {}
 
 func (x *SlotAssignment) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[17]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1775,7 +1972,7 @@ func (x *SlotAssignment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SlotAssignment.ProtoReflect.Descriptor instead.
 func (*SlotAssignment) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{17}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SlotAssignment) GetSlot() string {
@@ -1862,7 +2059,7 @@ type ShadowPolicy struct {
 
 func (x *ShadowPolicy) Reset() {
 	*x = ShadowPolicy{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[18]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1874,7 +2071,7 @@ func (x *ShadowPolicy) String() string {
 func (*ShadowPolicy) ProtoMessage() {}
 
 func (x *ShadowPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[18]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1887,7 +2084,7 @@ func (x *ShadowPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShadowPolicy.ProtoReflect.Descriptor instead.
 func (*ShadowPolicy) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{18}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ShadowPolicy) GetMinInferences() uint32 {
@@ -1945,7 +2142,7 @@ type HealthPolicy struct {
 
 func (x *HealthPolicy) Reset() {
 	*x = HealthPolicy{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[19]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1957,7 +2154,7 @@ func (x *HealthPolicy) String() string {
 func (*HealthPolicy) ProtoMessage() {}
 
 func (x *HealthPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[19]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1970,7 +2167,7 @@ func (x *HealthPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HealthPolicy.ProtoReflect.Descriptor instead.
 func (*HealthPolicy) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{19}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *HealthPolicy) GetWatchMs() uint32 {
@@ -2011,13 +2208,15 @@ type DesiredState struct {
 	// Zero means no expiry.
 	ExpiresAtUnixMs int64             `protobuf:"varint,4,opt,name=expires_at_unix_ms,json=expiresAtUnixMs,proto3" json:"expires_at_unix_ms,omitempty"`
 	Slots           []*SlotAssignment `protobuf:"bytes,5,rep,name=slots,proto3" json:"slots,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// The agent release this device must run; unset leaves the agent as it is.
+	AgentRelease  *AgentRelease `protobuf:"bytes,6,opt,name=agent_release,json=agentRelease,proto3" json:"agent_release,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DesiredState) Reset() {
 	*x = DesiredState{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[20]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2029,7 +2228,7 @@ func (x *DesiredState) String() string {
 func (*DesiredState) ProtoMessage() {}
 
 func (x *DesiredState) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[20]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2042,7 +2241,7 @@ func (x *DesiredState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesiredState.ProtoReflect.Descriptor instead.
 func (*DesiredState) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{20}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *DesiredState) GetDeviceId() string {
@@ -2080,6 +2279,97 @@ func (x *DesiredState) GetSlots() []*SlotAssignment {
 	return nil
 }
 
+func (x *DesiredState) GetAgentRelease() *AgentRelease {
+	if x != nil {
+		return x.AgentRelease
+	}
+	return nil
+}
+
+// AgentRelease orders an agent self-update. The agent fetches the signed
+// release manifest of its own OS and architecture from url (a path under
+// the controller's URL, or absolute) + "/" + os + "/" + arch, checks its
+// release-key signature, then downloads the binary the manifest pins.
+type AgentRelease struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Version   string                 `protobuf:"bytes,1,opt,name=version,proto3" json:"version,omitempty"`
+	Url       string                 `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"`
+	RolloutId string                 `protobuf:"bytes,3,opt,name=rollout_id,json=rolloutId,proto3" json:"rollout_id,omitempty"`
+	// Set when this deliberately installs an older version; honoured only
+	// in a director-signed desired state.
+	Rollback bool `protobuf:"varint,4,opt,name=rollback,proto3" json:"rollback,omitempty"`
+	// How long the new version has to connect and report healthy before
+	// the watchdog restores the previous one; 0 means the agent's default.
+	DeadlineMs    uint32 `protobuf:"varint,5,opt,name=deadline_ms,json=deadlineMs,proto3" json:"deadline_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AgentRelease) Reset() {
+	*x = AgentRelease{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AgentRelease) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AgentRelease) ProtoMessage() {}
+
+func (x *AgentRelease) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AgentRelease.ProtoReflect.Descriptor instead.
+func (*AgentRelease) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *AgentRelease) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *AgentRelease) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *AgentRelease) GetRolloutId() string {
+	if x != nil {
+		return x.RolloutId
+	}
+	return ""
+}
+
+func (x *AgentRelease) GetRollback() bool {
+	if x != nil {
+		return x.Rollback
+	}
+	return false
+}
+
+func (x *AgentRelease) GetDeadlineMs() uint32 {
+	if x != nil {
+		return x.DeadlineMs
+	}
+	return 0
+}
+
 // SignedDesiredState carries the serialized DesiredState and the director
 // key's signature over exactly those bytes.
 type SignedDesiredState struct {
@@ -2093,7 +2383,7 @@ type SignedDesiredState struct {
 
 func (x *SignedDesiredState) Reset() {
 	*x = SignedDesiredState{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[21]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2105,7 +2395,7 @@ func (x *SignedDesiredState) String() string {
 func (*SignedDesiredState) ProtoMessage() {}
 
 func (x *SignedDesiredState) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[21]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2118,7 +2408,7 @@ func (x *SignedDesiredState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SignedDesiredState.ProtoReflect.Descriptor instead.
 func (*SignedDesiredState) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{21}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SignedDesiredState) GetDesired() []byte {
@@ -2155,7 +2445,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[22]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2167,7 +2457,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[22]
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2180,7 +2470,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{22}
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Command) GetId() string {
@@ -2204,11 +2494,212 @@ func (x *Command) GetArgs() map[string]string {
 	return nil
 }
 
+// KeyAnnouncement introduces a new key for a role. It is serialized and
+// signed (trust.DomainKeyRotation) by a key agents already trust for that
+// role; SignedKeyAnnouncement carries the bytes and the signature.
+type KeyAnnouncement struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Role  KeyRole                `protobuf:"varint,1,opt,name=role,proto3,enum=edgefleet.v1.KeyRole" json:"role,omitempty"`
+	// The new ed25519 public key, 32 bytes.
+	PublicKey []byte `protobuf:"bytes,2,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	// trust.KeyID(public_key); checked by the receiver.
+	KeyId string `protobuf:"bytes,3,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	// Per role, starts at 1 and goes up by one per announcement. An agent
+	// refuses a sequence not above the last one it applied (replay).
+	Sequence       uint64 `protobuf:"varint,4,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	IssuedAtUnixMs int64  `protobuf:"varint,5,opt,name=issued_at_unix_ms,json=issuedAtUnixMs,proto3" json:"issued_at_unix_ms,omitempty"`
+	// The keys trusted for the role before this announcement stay trusted
+	// until then (the overlap window); zero retires them at once.
+	RetirePreviousAtUnixMs int64 `protobuf:"varint,6,opt,name=retire_previous_at_unix_ms,json=retirePreviousAtUnixMs,proto3" json:"retire_previous_at_unix_ms,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
+}
+
+func (x *KeyAnnouncement) Reset() {
+	*x = KeyAnnouncement{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyAnnouncement) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyAnnouncement) ProtoMessage() {}
+
+func (x *KeyAnnouncement) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyAnnouncement.ProtoReflect.Descriptor instead.
+func (*KeyAnnouncement) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *KeyAnnouncement) GetRole() KeyRole {
+	if x != nil {
+		return x.Role
+	}
+	return KeyRole_KEY_ROLE_UNSPECIFIED
+}
+
+func (x *KeyAnnouncement) GetPublicKey() []byte {
+	if x != nil {
+		return x.PublicKey
+	}
+	return nil
+}
+
+func (x *KeyAnnouncement) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *KeyAnnouncement) GetSequence() uint64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *KeyAnnouncement) GetIssuedAtUnixMs() int64 {
+	if x != nil {
+		return x.IssuedAtUnixMs
+	}
+	return 0
+}
+
+func (x *KeyAnnouncement) GetRetirePreviousAtUnixMs() int64 {
+	if x != nil {
+		return x.RetirePreviousAtUnixMs
+	}
+	return 0
+}
+
+// SignedKeyAnnouncement is a serialized KeyAnnouncement with a signature
+// over exactly those bytes.
+type SignedKeyAnnouncement struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Announcement  []byte                 `protobuf:"bytes,1,opt,name=announcement,proto3" json:"announcement,omitempty"`
+	Signature     []byte                 `protobuf:"bytes,2,opt,name=signature,proto3" json:"signature,omitempty"`
+	KeyId         string                 `protobuf:"bytes,3,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SignedKeyAnnouncement) Reset() {
+	*x = SignedKeyAnnouncement{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SignedKeyAnnouncement) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SignedKeyAnnouncement) ProtoMessage() {}
+
+func (x *SignedKeyAnnouncement) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SignedKeyAnnouncement.ProtoReflect.Descriptor instead.
+func (*SignedKeyAnnouncement) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *SignedKeyAnnouncement) GetAnnouncement() []byte {
+	if x != nil {
+		return x.Announcement
+	}
+	return nil
+}
+
+func (x *SignedKeyAnnouncement) GetSignature() []byte {
+	if x != nil {
+		return x.Signature
+	}
+	return nil
+}
+
+func (x *SignedKeyAnnouncement) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+// KeyAnnouncements is every announcement the controller holds, oldest
+// first, so an agent that missed some catches up in order.
+type KeyAnnouncements struct {
+	state         protoimpl.MessageState   `protogen:"open.v1"`
+	Announcements []*SignedKeyAnnouncement `protobuf:"bytes,1,rep,name=announcements,proto3" json:"announcements,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyAnnouncements) Reset() {
+	*x = KeyAnnouncements{}
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyAnnouncements) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyAnnouncements) ProtoMessage() {}
+
+func (x *KeyAnnouncements) ProtoReflect() protoreflect.Message {
+	mi := &file_edgefleetv1_edgefleet_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyAnnouncements.ProtoReflect.Descriptor instead.
+func (*KeyAnnouncements) Descriptor() ([]byte, []int) {
+	return file_edgefleetv1_edgefleet_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *KeyAnnouncements) GetAnnouncements() []*SignedKeyAnnouncement {
+	if x != nil {
+		return x.Announcements
+	}
+	return nil
+}
+
 var File_edgefleetv1_edgefleet_proto protoreflect.FileDescriptor
 
 const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\n" +
-	"\x1bedgefleetv1/edgefleet.proto\x12\fedgefleet.v1\"\xed\x04\n" +
+	"\x1bedgefleetv1/edgefleet.proto\x12\fedgefleet.v1\"\xa3\x05\n" +
 	"\bEnvelope\x12)\n" +
 	"\x10protocol_version\x18\x01 \x01(\rR\x0fprotocolVersion\x12\x1d\n" +
 	"\n" +
@@ -2224,8 +2715,9 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\adesired\x18\x0f \x01(\v2 .edgefleet.v1.SignedDesiredStateH\x00R\adesired\x12.\n" +
 	"\x03ack\x18\x10 \x01(\v2\x1a.edgefleet.v1.TelemetryAckH\x00R\x03ack\x121\n" +
 	"\acommand\x18\x11 \x01(\v2\x15.edgefleet.v1.CommandH\x00R\acommand\x12'\n" +
-	"\x0etelemetry_zstd\x18\x12 \x01(\fH\x00R\rtelemetryZstdB\x06\n" +
-	"\x04body\"\xbe\x02\n" +
+	"\x0etelemetry_zstd\x18\x12 \x01(\fH\x00R\rtelemetryZstd\x124\n" +
+	"\x04keys\x18\x13 \x01(\v2\x1e.edgefleet.v1.KeyAnnouncementsH\x00R\x04keysB\x06\n" +
+	"\x04body\"\x81\x03\n" +
 	"\x05Hello\x127\n" +
 	"\x06labels\x18\x01 \x03(\v2\x1f.edgefleet.v1.Hello.LabelsEntryR\x06labels\x12#\n" +
 	"\ragent_version\x18\x02 \x01(\tR\fagentVersion\x12!\n" +
@@ -2233,7 +2725,8 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\fcapabilities\x18\x04 \x03(\tR\fcapabilities\x121\n" +
 	"\x05state\x18\x05 \x01(\v2\x1b.edgefleet.v1.ReportedStateR\x05state\x12\x0e\n" +
 	"\x02os\x18\x06 \x01(\tR\x02os\x12\x12\n" +
-	"\x04arch\x18\a \x01(\tR\x04arch\x1a9\n" +
+	"\x04arch\x18\a \x01(\tR\x04arch\x12A\n" +
+	"\fagent_update\x18\b \x01(\v2\x1e.edgefleet.v1.AgentUpdateStateR\vagentUpdate\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"]\n" +
@@ -2262,7 +2755,7 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\x0fmean_score_diff\x18\x06 \x01(\x01R\rmeanScoreDiff\x12(\n" +
 	"\x10candidate_p99_us\x18\a \x01(\rR\x0ecandidateP99Us\x12\"\n" +
 	"\ractive_p99_us\x18\b \x01(\rR\vactiveP99Us\x12\"\n" +
-	"\rsince_unix_ms\x18\t \x01(\x03R\vsinceUnixMs\"\xde\x03\n" +
+	"\rsince_unix_ms\x18\t \x01(\x03R\vsinceUnixMs\"\xa1\x04\n" +
 	"\rReportedState\x12-\n" +
 	"\x05slots\x18\x01 \x03(\v2\x17.edgefleet.v1.SlotStateR\x05slots\x12,\n" +
 	"\x06health\x18\x02 \x01(\x0e2\x14.edgefleet.v1.HealthR\x06health\x12-\n" +
@@ -2272,10 +2765,21 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\rspool_dropped\x18\x05 \x01(\x04R\fspoolDropped\x12#\n" +
 	"\ragent_version\x18\x06 \x01(\tR\fagentVersion\x12#\n" +
 	"\rrecent_errors\x18\a \x03(\tR\frecentErrors\x12i\n" +
-	"\x16spool_dropped_by_class\x18\b \x03(\v24.edgefleet.v1.ReportedState.SpoolDroppedByClassEntryR\x13spoolDroppedByClass\x1aF\n" +
+	"\x16spool_dropped_by_class\x18\b \x03(\v24.edgefleet.v1.ReportedState.SpoolDroppedByClassEntryR\x13spoolDroppedByClass\x12A\n" +
+	"\fagent_update\x18\f \x01(\v2\x1e.edgefleet.v1.AgentUpdateStateR\vagentUpdate\x1aF\n" +
 	"\x18SpoolDroppedByClassEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\"\n" +
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"\xde\x01\n" +
+	"\x10AgentUpdateState\x12\x18\n" +
+	"\arunning\x18\x01 \x01(\tR\arunning\x12\x18\n" +
+	"\ahealthy\x18\x02 \x01(\bR\ahealthy\x12\"\n" +
+	"\rsince_unix_ms\x18\x03 \x01(\x03R\vsinceUnixMs\x12\x18\n" +
+	"\apending\x18\x04 \x01(\tR\apending\x12\x1d\n" +
+	"\n" +
+	"last_error\x18\x05 \x01(\tR\tlastError\x12\x1d\n" +
+	"\n" +
+	"rollout_id\x18\x06 \x01(\tR\trolloutId\x12\x1a\n" +
+	"\bprevious\x18\a \x01(\tR\bprevious\"\"\n" +
 	"\bPresence\x12\x16\n" +
 	"\x06online\x18\x01 \x01(\bR\x06online\"\xeb\x01\n" +
 	"\x05Event\x12+\n" +
@@ -2372,7 +2876,7 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\bwatch_ms\x18\x01 \x01(\rR\awatchMs\x12$\n" +
 	"\x0emax_error_rate\x18\x02 \x01(\x01R\fmaxErrorRate\x12+\n" +
 	"\x12max_latency_p99_ms\x18\x03 \x01(\rR\x0fmaxLatencyP99Ms\x12%\n" +
-	"\x0emin_inferences\x18\x04 \x01(\rR\rminInferences\"\xd7\x01\n" +
+	"\x0emin_inferences\x18\x04 \x01(\rR\rminInferences\"\x98\x02\n" +
 	"\fDesiredState\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x1e\n" +
 	"\n" +
@@ -2380,7 +2884,16 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"generation\x12)\n" +
 	"\x11issued_at_unix_ms\x18\x03 \x01(\x03R\x0eissuedAtUnixMs\x12+\n" +
 	"\x12expires_at_unix_ms\x18\x04 \x01(\x03R\x0fexpiresAtUnixMs\x122\n" +
-	"\x05slots\x18\x05 \x03(\v2\x1c.edgefleet.v1.SlotAssignmentR\x05slots\"c\n" +
+	"\x05slots\x18\x05 \x03(\v2\x1c.edgefleet.v1.SlotAssignmentR\x05slots\x12?\n" +
+	"\ragent_release\x18\x06 \x01(\v2\x1a.edgefleet.v1.AgentReleaseR\fagentRelease\"\x96\x01\n" +
+	"\fAgentRelease\x12\x18\n" +
+	"\aversion\x18\x01 \x01(\tR\aversion\x12\x10\n" +
+	"\x03url\x18\x02 \x01(\tR\x03url\x12\x1d\n" +
+	"\n" +
+	"rollout_id\x18\x03 \x01(\tR\trolloutId\x12\x1a\n" +
+	"\brollback\x18\x04 \x01(\bR\brollback\x12\x1f\n" +
+	"\vdeadline_ms\x18\x05 \x01(\rR\n" +
+	"deadlineMs\"c\n" +
 	"\x12SignedDesiredState\x12\x18\n" +
 	"\adesired\x18\x01 \x01(\fR\adesired\x12\x1c\n" +
 	"\tsignature\x18\x02 \x01(\fR\tsignature\x12\x15\n" +
@@ -2391,12 +2904,26 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\x04args\x18\x03 \x03(\v2\x1f.edgefleet.v1.Command.ArgsEntryR\x04args\x1a7\n" +
 	"\tArgsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*X\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf5\x01\n" +
+	"\x0fKeyAnnouncement\x12)\n" +
+	"\x04role\x18\x01 \x01(\x0e2\x15.edgefleet.v1.KeyRoleR\x04role\x12\x1d\n" +
+	"\n" +
+	"public_key\x18\x02 \x01(\fR\tpublicKey\x12\x15\n" +
+	"\x06key_id\x18\x03 \x01(\tR\x05keyId\x12\x1a\n" +
+	"\bsequence\x18\x04 \x01(\x04R\bsequence\x12)\n" +
+	"\x11issued_at_unix_ms\x18\x05 \x01(\x03R\x0eissuedAtUnixMs\x12:\n" +
+	"\x1aretire_previous_at_unix_ms\x18\x06 \x01(\x03R\x16retirePreviousAtUnixMs\"p\n" +
+	"\x15SignedKeyAnnouncement\x12\"\n" +
+	"\fannouncement\x18\x01 \x01(\fR\fannouncement\x12\x1c\n" +
+	"\tsignature\x18\x02 \x01(\fR\tsignature\x12\x15\n" +
+	"\x06key_id\x18\x03 \x01(\tR\x05keyId\"]\n" +
+	"\x10KeyAnnouncements\x12I\n" +
+	"\rannouncements\x18\x01 \x03(\v2#.edgefleet.v1.SignedKeyAnnouncementR\rannouncements*X\n" +
 	"\x06Health\x12\x16\n" +
 	"\x12HEALTH_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tHEALTH_OK\x10\x01\x12\x13\n" +
 	"\x0fHEALTH_DEGRADED\x10\x02\x12\x12\n" +
-	"\x0eHEALTH_FAILING\x10\x03*\xd9\x01\n" +
+	"\x0eHEALTH_FAILING\x10\x03*\xfa\x01\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16EVENT_KIND_DOWNLOADING\x10\x01\x12\x17\n" +
@@ -2405,7 +2932,12 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\x12EVENT_KIND_HEALTHY\x10\x04\x12\x15\n" +
 	"\x11EVENT_KIND_FAILED\x10\x05\x12\x1a\n" +
 	"\x16EVENT_KIND_ROLLED_BACK\x10\x06\x12\x16\n" +
-	"\x12EVENT_KIND_REFUSED\x10\aB2Z0github.com/edgefleet/edgefleet/proto/edgefleetv1b\x06proto3"
+	"\x12EVENT_KIND_REFUSED\x10\a\x12\x1f\n" +
+	"\x1bEVENT_KIND_AGENT_RESTARTING\x10\b*P\n" +
+	"\aKeyRole\x12\x18\n" +
+	"\x14KEY_ROLE_UNSPECIFIED\x10\x00\x12\x14\n" +
+	"\x10KEY_ROLE_RELEASE\x10\x01\x12\x15\n" +
+	"\x11KEY_ROLE_DIRECTOR\x10\x02B2Z0github.com/edgefleet/edgefleet/proto/edgefleetv1b\x06proto3"
 
 var (
 	file_edgefleetv1_edgefleet_proto_rawDescOnce sync.Once
@@ -2419,79 +2951,91 @@ func file_edgefleetv1_edgefleet_proto_rawDescGZIP() []byte {
 	return file_edgefleetv1_edgefleet_proto_rawDescData
 }
 
-var file_edgefleetv1_edgefleet_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_edgefleetv1_edgefleet_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_edgefleetv1_edgefleet_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_edgefleetv1_edgefleet_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_edgefleetv1_edgefleet_proto_goTypes = []any{
-	(Health)(0),                // 0: edgefleet.v1.Health
-	(EventKind)(0),             // 1: edgefleet.v1.EventKind
-	(*Envelope)(nil),           // 2: edgefleet.v1.Envelope
-	(*Hello)(nil),              // 3: edgefleet.v1.Hello
-	(*ModelRef)(nil),           // 4: edgefleet.v1.ModelRef
-	(*SlotState)(nil),          // 5: edgefleet.v1.SlotState
-	(*ShadowState)(nil),        // 6: edgefleet.v1.ShadowState
-	(*ReportedState)(nil),      // 7: edgefleet.v1.ReportedState
-	(*Presence)(nil),           // 8: edgefleet.v1.Presence
-	(*Event)(nil),              // 9: edgefleet.v1.Event
-	(*InferenceRecord)(nil),    // 10: edgefleet.v1.InferenceRecord
-	(*TelemetryRecord)(nil),    // 11: edgefleet.v1.TelemetryRecord
-	(*Histogram)(nil),          // 12: edgefleet.v1.Histogram
-	(*NamedHistogram)(nil),     // 13: edgefleet.v1.NamedHistogram
-	(*InferenceAggregate)(nil), // 14: edgefleet.v1.InferenceAggregate
-	(*RawSample)(nil),          // 15: edgefleet.v1.RawSample
-	(*TelemetryBatch)(nil),     // 16: edgefleet.v1.TelemetryBatch
-	(*SeqRange)(nil),           // 17: edgefleet.v1.SeqRange
-	(*TelemetryAck)(nil),       // 18: edgefleet.v1.TelemetryAck
-	(*SlotAssignment)(nil),     // 19: edgefleet.v1.SlotAssignment
-	(*ShadowPolicy)(nil),       // 20: edgefleet.v1.ShadowPolicy
-	(*HealthPolicy)(nil),       // 21: edgefleet.v1.HealthPolicy
-	(*DesiredState)(nil),       // 22: edgefleet.v1.DesiredState
-	(*SignedDesiredState)(nil), // 23: edgefleet.v1.SignedDesiredState
-	(*Command)(nil),            // 24: edgefleet.v1.Command
-	nil,                        // 25: edgefleet.v1.Hello.LabelsEntry
-	nil,                        // 26: edgefleet.v1.ReportedState.SpoolDroppedByClassEntry
-	nil,                        // 27: edgefleet.v1.Command.ArgsEntry
+	(Health)(0),                   // 0: edgefleet.v1.Health
+	(EventKind)(0),                // 1: edgefleet.v1.EventKind
+	(KeyRole)(0),                  // 2: edgefleet.v1.KeyRole
+	(*Envelope)(nil),              // 3: edgefleet.v1.Envelope
+	(*Hello)(nil),                 // 4: edgefleet.v1.Hello
+	(*ModelRef)(nil),              // 5: edgefleet.v1.ModelRef
+	(*SlotState)(nil),             // 6: edgefleet.v1.SlotState
+	(*ShadowState)(nil),           // 7: edgefleet.v1.ShadowState
+	(*ReportedState)(nil),         // 8: edgefleet.v1.ReportedState
+	(*AgentUpdateState)(nil),      // 9: edgefleet.v1.AgentUpdateState
+	(*Presence)(nil),              // 10: edgefleet.v1.Presence
+	(*Event)(nil),                 // 11: edgefleet.v1.Event
+	(*InferenceRecord)(nil),       // 12: edgefleet.v1.InferenceRecord
+	(*TelemetryRecord)(nil),       // 13: edgefleet.v1.TelemetryRecord
+	(*Histogram)(nil),             // 14: edgefleet.v1.Histogram
+	(*NamedHistogram)(nil),        // 15: edgefleet.v1.NamedHistogram
+	(*InferenceAggregate)(nil),    // 16: edgefleet.v1.InferenceAggregate
+	(*RawSample)(nil),             // 17: edgefleet.v1.RawSample
+	(*TelemetryBatch)(nil),        // 18: edgefleet.v1.TelemetryBatch
+	(*SeqRange)(nil),              // 19: edgefleet.v1.SeqRange
+	(*TelemetryAck)(nil),          // 20: edgefleet.v1.TelemetryAck
+	(*SlotAssignment)(nil),        // 21: edgefleet.v1.SlotAssignment
+	(*ShadowPolicy)(nil),          // 22: edgefleet.v1.ShadowPolicy
+	(*HealthPolicy)(nil),          // 23: edgefleet.v1.HealthPolicy
+	(*DesiredState)(nil),          // 24: edgefleet.v1.DesiredState
+	(*AgentRelease)(nil),          // 25: edgefleet.v1.AgentRelease
+	(*SignedDesiredState)(nil),    // 26: edgefleet.v1.SignedDesiredState
+	(*Command)(nil),               // 27: edgefleet.v1.Command
+	(*KeyAnnouncement)(nil),       // 28: edgefleet.v1.KeyAnnouncement
+	(*SignedKeyAnnouncement)(nil), // 29: edgefleet.v1.SignedKeyAnnouncement
+	(*KeyAnnouncements)(nil),      // 30: edgefleet.v1.KeyAnnouncements
+	nil,                           // 31: edgefleet.v1.Hello.LabelsEntry
+	nil,                           // 32: edgefleet.v1.ReportedState.SpoolDroppedByClassEntry
+	nil,                           // 33: edgefleet.v1.Command.ArgsEntry
 }
 var file_edgefleetv1_edgefleet_proto_depIdxs = []int32{
-	3,  // 0: edgefleet.v1.Envelope.hello:type_name -> edgefleet.v1.Hello
-	7,  // 1: edgefleet.v1.Envelope.state:type_name -> edgefleet.v1.ReportedState
-	8,  // 2: edgefleet.v1.Envelope.presence:type_name -> edgefleet.v1.Presence
-	9,  // 3: edgefleet.v1.Envelope.event:type_name -> edgefleet.v1.Event
-	16, // 4: edgefleet.v1.Envelope.telemetry:type_name -> edgefleet.v1.TelemetryBatch
-	23, // 5: edgefleet.v1.Envelope.desired:type_name -> edgefleet.v1.SignedDesiredState
-	18, // 6: edgefleet.v1.Envelope.ack:type_name -> edgefleet.v1.TelemetryAck
-	24, // 7: edgefleet.v1.Envelope.command:type_name -> edgefleet.v1.Command
-	25, // 8: edgefleet.v1.Hello.labels:type_name -> edgefleet.v1.Hello.LabelsEntry
-	7,  // 9: edgefleet.v1.Hello.state:type_name -> edgefleet.v1.ReportedState
-	4,  // 10: edgefleet.v1.SlotState.active:type_name -> edgefleet.v1.ModelRef
-	4,  // 11: edgefleet.v1.SlotState.previous:type_name -> edgefleet.v1.ModelRef
-	4,  // 12: edgefleet.v1.SlotState.pending:type_name -> edgefleet.v1.ModelRef
-	6,  // 13: edgefleet.v1.SlotState.shadow:type_name -> edgefleet.v1.ShadowState
-	4,  // 14: edgefleet.v1.ShadowState.candidate:type_name -> edgefleet.v1.ModelRef
-	5,  // 15: edgefleet.v1.ReportedState.slots:type_name -> edgefleet.v1.SlotState
-	0,  // 16: edgefleet.v1.ReportedState.health:type_name -> edgefleet.v1.Health
-	26, // 17: edgefleet.v1.ReportedState.spool_dropped_by_class:type_name -> edgefleet.v1.ReportedState.SpoolDroppedByClassEntry
-	1,  // 18: edgefleet.v1.Event.kind:type_name -> edgefleet.v1.EventKind
-	4,  // 19: edgefleet.v1.Event.model:type_name -> edgefleet.v1.ModelRef
-	10, // 20: edgefleet.v1.TelemetryRecord.inference:type_name -> edgefleet.v1.InferenceRecord
-	9,  // 21: edgefleet.v1.TelemetryRecord.event:type_name -> edgefleet.v1.Event
-	14, // 22: edgefleet.v1.TelemetryRecord.aggregate:type_name -> edgefleet.v1.InferenceAggregate
-	15, // 23: edgefleet.v1.TelemetryRecord.sample:type_name -> edgefleet.v1.RawSample
-	12, // 24: edgefleet.v1.NamedHistogram.histogram:type_name -> edgefleet.v1.Histogram
-	12, // 25: edgefleet.v1.InferenceAggregate.latency_us:type_name -> edgefleet.v1.Histogram
-	13, // 26: edgefleet.v1.InferenceAggregate.outputs:type_name -> edgefleet.v1.NamedHistogram
-	13, // 27: edgefleet.v1.InferenceAggregate.features:type_name -> edgefleet.v1.NamedHistogram
-	11, // 28: edgefleet.v1.TelemetryBatch.records:type_name -> edgefleet.v1.TelemetryRecord
-	17, // 29: edgefleet.v1.TelemetryAck.stored:type_name -> edgefleet.v1.SeqRange
-	4,  // 30: edgefleet.v1.SlotAssignment.model:type_name -> edgefleet.v1.ModelRef
-	21, // 31: edgefleet.v1.SlotAssignment.health:type_name -> edgefleet.v1.HealthPolicy
-	20, // 32: edgefleet.v1.SlotAssignment.shadow:type_name -> edgefleet.v1.ShadowPolicy
-	19, // 33: edgefleet.v1.DesiredState.slots:type_name -> edgefleet.v1.SlotAssignment
-	27, // 34: edgefleet.v1.Command.args:type_name -> edgefleet.v1.Command.ArgsEntry
-	35, // [35:35] is the sub-list for method output_type
-	35, // [35:35] is the sub-list for method input_type
-	35, // [35:35] is the sub-list for extension type_name
-	35, // [35:35] is the sub-list for extension extendee
-	0,  // [0:35] is the sub-list for field type_name
+	4,  // 0: edgefleet.v1.Envelope.hello:type_name -> edgefleet.v1.Hello
+	8,  // 1: edgefleet.v1.Envelope.state:type_name -> edgefleet.v1.ReportedState
+	10, // 2: edgefleet.v1.Envelope.presence:type_name -> edgefleet.v1.Presence
+	11, // 3: edgefleet.v1.Envelope.event:type_name -> edgefleet.v1.Event
+	18, // 4: edgefleet.v1.Envelope.telemetry:type_name -> edgefleet.v1.TelemetryBatch
+	26, // 5: edgefleet.v1.Envelope.desired:type_name -> edgefleet.v1.SignedDesiredState
+	20, // 6: edgefleet.v1.Envelope.ack:type_name -> edgefleet.v1.TelemetryAck
+	27, // 7: edgefleet.v1.Envelope.command:type_name -> edgefleet.v1.Command
+	30, // 8: edgefleet.v1.Envelope.keys:type_name -> edgefleet.v1.KeyAnnouncements
+	31, // 9: edgefleet.v1.Hello.labels:type_name -> edgefleet.v1.Hello.LabelsEntry
+	8,  // 10: edgefleet.v1.Hello.state:type_name -> edgefleet.v1.ReportedState
+	9,  // 11: edgefleet.v1.Hello.agent_update:type_name -> edgefleet.v1.AgentUpdateState
+	5,  // 12: edgefleet.v1.SlotState.active:type_name -> edgefleet.v1.ModelRef
+	5,  // 13: edgefleet.v1.SlotState.previous:type_name -> edgefleet.v1.ModelRef
+	5,  // 14: edgefleet.v1.SlotState.pending:type_name -> edgefleet.v1.ModelRef
+	7,  // 15: edgefleet.v1.SlotState.shadow:type_name -> edgefleet.v1.ShadowState
+	5,  // 16: edgefleet.v1.ShadowState.candidate:type_name -> edgefleet.v1.ModelRef
+	6,  // 17: edgefleet.v1.ReportedState.slots:type_name -> edgefleet.v1.SlotState
+	0,  // 18: edgefleet.v1.ReportedState.health:type_name -> edgefleet.v1.Health
+	32, // 19: edgefleet.v1.ReportedState.spool_dropped_by_class:type_name -> edgefleet.v1.ReportedState.SpoolDroppedByClassEntry
+	9,  // 20: edgefleet.v1.ReportedState.agent_update:type_name -> edgefleet.v1.AgentUpdateState
+	1,  // 21: edgefleet.v1.Event.kind:type_name -> edgefleet.v1.EventKind
+	5,  // 22: edgefleet.v1.Event.model:type_name -> edgefleet.v1.ModelRef
+	12, // 23: edgefleet.v1.TelemetryRecord.inference:type_name -> edgefleet.v1.InferenceRecord
+	11, // 24: edgefleet.v1.TelemetryRecord.event:type_name -> edgefleet.v1.Event
+	16, // 25: edgefleet.v1.TelemetryRecord.aggregate:type_name -> edgefleet.v1.InferenceAggregate
+	17, // 26: edgefleet.v1.TelemetryRecord.sample:type_name -> edgefleet.v1.RawSample
+	14, // 27: edgefleet.v1.NamedHistogram.histogram:type_name -> edgefleet.v1.Histogram
+	14, // 28: edgefleet.v1.InferenceAggregate.latency_us:type_name -> edgefleet.v1.Histogram
+	15, // 29: edgefleet.v1.InferenceAggregate.outputs:type_name -> edgefleet.v1.NamedHistogram
+	15, // 30: edgefleet.v1.InferenceAggregate.features:type_name -> edgefleet.v1.NamedHistogram
+	13, // 31: edgefleet.v1.TelemetryBatch.records:type_name -> edgefleet.v1.TelemetryRecord
+	19, // 32: edgefleet.v1.TelemetryAck.stored:type_name -> edgefleet.v1.SeqRange
+	5,  // 33: edgefleet.v1.SlotAssignment.model:type_name -> edgefleet.v1.ModelRef
+	23, // 34: edgefleet.v1.SlotAssignment.health:type_name -> edgefleet.v1.HealthPolicy
+	22, // 35: edgefleet.v1.SlotAssignment.shadow:type_name -> edgefleet.v1.ShadowPolicy
+	21, // 36: edgefleet.v1.DesiredState.slots:type_name -> edgefleet.v1.SlotAssignment
+	25, // 37: edgefleet.v1.DesiredState.agent_release:type_name -> edgefleet.v1.AgentRelease
+	33, // 38: edgefleet.v1.Command.args:type_name -> edgefleet.v1.Command.ArgsEntry
+	2,  // 39: edgefleet.v1.KeyAnnouncement.role:type_name -> edgefleet.v1.KeyRole
+	29, // 40: edgefleet.v1.KeyAnnouncements.announcements:type_name -> edgefleet.v1.SignedKeyAnnouncement
+	41, // [41:41] is the sub-list for method output_type
+	41, // [41:41] is the sub-list for method input_type
+	41, // [41:41] is the sub-list for extension type_name
+	41, // [41:41] is the sub-list for extension extendee
+	0,  // [0:41] is the sub-list for field type_name
 }
 
 func init() { file_edgefleetv1_edgefleet_proto_init() }
@@ -2509,8 +3053,9 @@ func file_edgefleetv1_edgefleet_proto_init() {
 		(*Envelope_Ack)(nil),
 		(*Envelope_Command)(nil),
 		(*Envelope_TelemetryZstd)(nil),
+		(*Envelope_Keys)(nil),
 	}
-	file_edgefleetv1_edgefleet_proto_msgTypes[9].OneofWrappers = []any{
+	file_edgefleetv1_edgefleet_proto_msgTypes[10].OneofWrappers = []any{
 		(*TelemetryRecord_Inference)(nil),
 		(*TelemetryRecord_Event)(nil),
 		(*TelemetryRecord_Aggregate)(nil),
@@ -2521,8 +3066,8 @@ func file_edgefleetv1_edgefleet_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_edgefleetv1_edgefleet_proto_rawDesc), len(file_edgefleetv1_edgefleet_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   26,
+			NumEnums:      3,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -102,6 +102,12 @@ func (ks *KeySet) IDs() []string {
 	return ids
 }
 
+// Key returns the trusted key with id.
+func (ks *KeySet) Key(id string) (ed25519.PublicKey, bool) {
+	pub, ok := ks.keys[id]
+	return pub, ok
+}
+
 // Len is the number of trusted keys.
 func (ks *KeySet) Len() int { return len(ks.keys) }
 

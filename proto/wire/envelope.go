@@ -22,7 +22,8 @@ func NewMessageID() string {
 }
 
 // Seal wraps body in an envelope for device id and marshals it. body must be
-// one of the Envelope body types (*pb.Hello, *pb.ReportedState, ...).
+// one of the Envelope body types (*pb.Hello, *pb.ReportedState, ...), or an
+// *pb.Envelope whose body is set (its header fields are ignored).
 func Seal(id string, now time.Time, body proto.Message) ([]byte, error) {
 	env := &pb.Envelope{
 		ProtocolVersion: ProtocolVersion,
@@ -47,6 +48,15 @@ func Seal(id string, now time.Time, body proto.Message) ([]byte, error) {
 		env.Body = &pb.Envelope_Ack{Ack: b}
 	case *pb.Command:
 		env.Body = &pb.Envelope_Command{Command: b}
+	case *pb.KeyAnnouncements:
+		env.Body = &pb.Envelope_Keys{Keys: b}
+	case *pb.Envelope:
+		// A body prepared by the caller, such as a compressed telemetry
+		// batch (zstd.go), which has no message type of its own.
+		if b.GetBody() == nil {
+			return nil, fmt.Errorf("seal: envelope without a body")
+		}
+		env.Body = b.GetBody()
 	default:
 		return nil, fmt.Errorf("seal: %T is not an envelope body", body)
 	}
@@ -98,7 +108,7 @@ func bodyKind(env *pb.Envelope) Kind {
 		return KindPresence
 	case *pb.Envelope_Event:
 		return KindEvents
-	case *pb.Envelope_Telemetry:
+	case *pb.Envelope_Telemetry, *pb.Envelope_TelemetryZstd:
 		return KindTelemetry
 	case *pb.Envelope_Desired:
 		return KindDesired
@@ -106,6 +116,8 @@ func bodyKind(env *pb.Envelope) Kind {
 		return KindAck
 	case *pb.Envelope_Command:
 		return KindCmd
+	case *pb.Envelope_Keys:
+		return KindKeys
 	}
 	return "empty"
 }

@@ -23,16 +23,20 @@ const (
 	KindDesired   Kind = "desired"   // controller -> agent, retained
 	KindAck       Kind = "ack"       // controller -> agent
 	KindCmd       Kind = "cmd"       // controller -> agent
+	// KindKeys carries every key announcement (pb.KeyAnnouncements),
+	// controller -> agent, retained: a device reads it, never writes it.
+	KindKeys Kind = "keys"
 )
 
 var kinds = map[Kind]bool{
 	KindHello: true, KindState: true, KindPresence: true, KindEvents: true,
 	KindTelemetry: true, KindDesired: true, KindAck: true, KindCmd: true,
+	KindKeys: true,
 }
 
 // Retained reports whether messages of this kind are published retained.
 func (k Kind) Retained() bool {
-	return k == KindState || k == KindPresence || k == KindDesired
+	return k == KindState || k == KindPresence || k == KindDesired || k == KindKeys
 }
 
 // Topic returns the topic of kind k for device id.

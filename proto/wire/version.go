@@ -17,6 +17,21 @@ package wire
 //	  SlotState.healthy and SlotState.rollout_id.
 //	  2026-11-27, additive: SlotAssignment.shadow (ShadowPolicy),
 //	  SlotState.shadow (ShadowState).
+//	  2026-11-27, additive: key rotation: topic ef/v1/dev/{id}/keys
+//	  (controller -> agent, retained) with Envelope.keys
+//	  (KeyAnnouncements); agents that do not know it never subscribe.
+//	  2026-11-27, additive: agent self-update: DesiredState.agent_release
+//	  (AgentRelease), ReportedState.agent_update and Hello.agent_update
+//	  (AgentUpdateState), EventKind AGENT_RESTARTING; an agent that does
+//	  not know agent_release ignores it and keeps its version.
+//	  2026-11-27, additive: telemetry aggregates and raw samples
+//	  (TelemetryRecord.aggregate, .sample), ReportedState
+//	  .spool_dropped_by_class, SlotAssignment.sample_rate, and
+//	  Envelope.telemetry_zstd (a TelemetryBatch compressed with zstd,
+//	  decompressed size capped at MaxDecompressed) sent by agents with the
+//	  hello capability "telemetry-zstd" while the controller acknowledges
+//	  them (an older controller drops them unacknowledged, and the agent
+//	  falls back to plain batches on that connection).
 const ProtocolVersion = 1
 
 // MinProtocolVersion is the oldest protocol version this code accepts.

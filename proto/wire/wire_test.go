@@ -75,17 +75,42 @@ func TestParseTopic(t *testing.T) {
 	}
 }
 
+// FuzzOpen feeds every topic kind and every body: what Open accepts is
+// within the cap and is the body its topic names.
 func FuzzOpen(f *testing.F) {
-	for _, body := range []proto.Message{&pb.Hello{Labels: map[string]string{"a": "b"}}, &pb.TelemetryBatch{SpoolEpoch: "e", Records: []*pb.TelemetryRecord{{Seq: 1}}}} {
-		b, _ := Seal("d", time.Now(), body)
-		f.Add("ef/v1/dev/d/hello", b)
-		f.Add("ef/v1/dev/d/telemetry", b)
+	bodies := map[Kind]proto.Message{
+		KindHello:     &pb.Hello{Labels: map[string]string{"a": "b"}, State: &pb.ReportedState{Slots: []*pb.SlotState{{Slot: "s"}}}},
+		KindState:     &pb.ReportedState{SpoolDepth: 3, RecentErrors: []string{"x"}},
+		KindPresence:  &pb.Presence{Online: true},
+		KindEvents:    &pb.Event{Kind: pb.EventKind_EVENT_KIND_REFUSED, Detail: "d"},
+		KindTelemetry: &pb.TelemetryBatch{SpoolEpoch: "e", Records: []*pb.TelemetryRecord{{Seq: 1}}},
+		KindDesired:   &pb.SignedDesiredState{Desired: []byte{0x0a, 0x01, 'd'}, KeyId: "k"},
+		KindAck:       &pb.TelemetryAck{SpoolEpoch: "e"},
+		KindCmd:       &pb.Command{Name: "resync"},
+		KindKeys:      &pb.KeyAnnouncements{Announcements: []*pb.SignedKeyAnnouncement{{Announcement: []byte{8, 2}, KeyId: "k"}}},
+	}
+	for kind, body := range bodies {
+		b, err := Seal("d", time.UnixMilli(1), body)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(Topic("d", kind), b)
+		f.Add(Topic("d", KindHello), b) // the wrong kind for most
 	}
 	f.Add("ef/v1/dev/d/state", []byte{})
 	f.Fuzz(func(t *testing.T, topic string, payload []byte) {
 		env, err := Open(topic, payload)
-		if err == nil && env == nil {
+		if err != nil {
+			return
+		}
+		if env == nil {
 			t.Fatal("nil envelope without error")
+		}
+		if len(payload) > MaxPayload {
+			t.Fatalf("%d-byte payload opened", len(payload))
+		}
+		if _, kind, _ := ParseTopic(topic); bodyKind(env) != kind {
+			t.Fatalf("%s body on a %s topic", bodyKind(env), kind)
 		}
 	})
 }
