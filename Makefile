@@ -7,7 +7,7 @@ VERSION  ?= 0.1.0-dev
 LDFLAGS  := -s -w -X github.com/edgefleet/edgefleet/agent.Version=$(VERSION)
 MODELS   := models/examples/build
 
-.PHONY: all build models run test test-short bench fuzz proto fmt vet clean
+.PHONY: all build models run test test-short bench fuzz fuzz-ci proto fmt vet clean
 
 all: build models
 
@@ -34,13 +34,20 @@ test-short:
 
 ## bench: the end-to-end benchmarks (a rollout to 10,000 simulated devices on the embedded broker and
 ## Mosquitto, telemetry ingest against raw QoS 1 delivery, the agent's footprint) and every Go
-## benchmark; writes the tables into BENCHMARKS.md (about 25 minutes on 2 cores)
+## benchmark; writes the tables into BENCHMARKS.md. BENCH_FLAGS passes flags (go run ./scripts/bench -h),
+## e.g. BENCH_FLAGS='-only go' for the Go benchmarks alone
 bench: models
-	$(GO) run ./scripts/bench -out BENCHMARKS.md
+	$(GO) run ./scripts/bench -out BENCHMARKS.md $(BENCH_FLAGS)
 
 ## fuzz: every fuzz target for FUZZTIME (default 3s) each
 fuzz:
 	bash scripts/fuzz.sh
+
+## fuzz-ci: every fuzz target for a fixed number of executions each (FUZZEXECS, default 2000), as CI runs
+## it: a count, not a duration, which races Go's fuzz coordinator (see scripts/fuzz.sh)
+FUZZEXECS ?= 2000
+fuzz-ci:
+	FUZZTIME=$(FUZZEXECS)x bash scripts/fuzz.sh
 
 ## proto: regenerate proto/edgefleetv1 with Debian's protoc and the protoc-gen-go pinned in go.mod
 proto:

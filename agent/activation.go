@@ -27,8 +27,10 @@ type HealthConfig struct {
 }
 
 // ShadowConfig gives every new version a shadow phase before its switch
-// (YAML key shadow, flag --shadow). The desired state cannot ask for one
-// yet; until it can, this is how a device is put in shadow mode.
+// (YAML key shadow, flag --shadow). A desired state that asks for one
+// (SlotAssignment.shadow, as a rollout gated on shadowAgreement does)
+// takes the fields it leaves unset from here when enabled (else from
+// deploy.ShadowPolicy's defaults).
 type ShadowConfig struct {
 	Enabled bool `yaml:"enabled"`
 	// MinInferences the candidate must answer beside the active version

@@ -35,6 +35,7 @@ import (
 	"github.com/edgefleet/edgefleet/agent/localapi"
 	"github.com/edgefleet/edgefleet/agent/spool"
 	"github.com/edgefleet/edgefleet/agent/telemetry"
+	"github.com/edgefleet/edgefleet/agent/update"
 	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/models/host"
 	"github.com/edgefleet/edgefleet/models/tensor"
@@ -52,6 +53,9 @@ var Version = "0.1.0-dev"
 //
 //	health-watch  watches a new version and rolls it back locally (HealthPolicy)
 //	shadow        can run a candidate in shadow before its switch
+//
+// Hello also carries telemetry-zstd (wire.CapabilityTelemetryZstd) unless
+// --telemetry-compression is off: the agent sends compressed batches.
 var Capabilities = []string{"oip-v2", "telemetry-spool", "health-watch", "shadow"}
 
 // SpoolFile is the spool's file name in the data directory.
@@ -103,7 +107,17 @@ type Options struct {
 	// are saved to state.json (5s); a simulator of many agents may save
 	// less often.
 	WatchSaveInterval time.Duration
+	// Executable is the path of this agent's binary. Set (fleet-agent's
+	// main sets it), it turns on self-update (agent/update): the binary is
+	// replaced by the agent release the desired state names, and Run
+	// returns ErrRestart for main to re-execute it. Empty (embedded
+	// agents, the simulator): agent releases are ignored.
+	Executable string
 }
+
+// ErrRestart is returned by Run when the agent's binary was replaced by a
+// new release: the caller re-executes it (update.Exec).
+var ErrRestart = update.ErrRestart
 
 // Loader loads model bundles for the agent (see deploy.Loader).
 type Loader = deploy.Loader
@@ -148,8 +162,15 @@ type Agent struct {
 	sender *telemetry.Sender
 	link   *link.Link
 
+	upd       *update.Updater // nil without Options.Executable
 	statePoke chan struct{}
 	cmds      chan *pb.Command
+	// agg folds inferences into interval aggregates (records.go); set by
+	// Run.
+	agg                     atomic.Pointer[telemetry.Aggregator]
+	samples, samplesSkipped atomic.Uint64
+	guard                   deploy.Guard
+	rot                     *keyRotation
 
 	mu       sync.Mutex
 	lastSent *pb.ReportedState
@@ -167,7 +188,7 @@ func New(cfg Config, o Options) (*Agent, error) {
 	if o.StateInterval <= 0 {
 		o.StateInterval = 10 * time.Second
 	}
-	a := &Agent{cfg: cfg, o: o, log: o.Logger.With("device", cfg.ID), statePoke: make(chan struct{}, 1), cmds: make(chan *pb.Command, 16)}
+	a := &Agent{cfg: cfg, o: o, log: o.Logger.With("device", cfg.ID), statePoke: make(chan struct{}, 1), cmds: make(chan *pb.Command, 16), rot: newKeyRotation()}
 	loader := o.Loader
 	if loader == nil && o.Host != nil {
 		loader = deploy.HostLoader(o.Host)
@@ -183,6 +204,7 @@ func New(cfg Config, o Options) (*Agent, error) {
 			return nil, err
 		}
 	}
+	a.guard = guard
 	var err error
 	a.mgr, err = deploy.New(deploy.Options{
 		DeviceID: cfg.ID, DataDir: cfg.Data, Loader: loader, Controller: cfg.Controller, Logger: o.Logger,
@@ -193,6 +215,11 @@ func New(cfg Config, o Options) (*Agent, error) {
 		return nil, err
 	}
 	a.api = localapi.New(localapi.Options{Models: apiModels{a}, Logger: a.log, Metrics: a.writeMetrics})
+	if o.Executable != "" {
+		if a.upd, err = newUpdater(cfg, o, a); err != nil {
+			return nil, err
+		}
+	}
 	return a, nil
 }
 
@@ -223,12 +250,7 @@ func (a *Agent) infer(ctx context.Context, name, version string, in []tensor.Ten
 	if errors.Is(err, deploy.ErrNoModel) {
 		return res, err
 	}
-	rec := &pb.InferenceRecord{Model: res.Model, Version: res.Version, AtUnixMs: at.UnixMilli(),
-		LatencyUs: uint32(min(res.Latency.Microseconds(), 1<<32-1))}
-	if err != nil {
-		rec.Error = err.Error()
-	}
-	a.record(&pb.TelemetryRecord{Body: &pb.TelemetryRecord_Inference{Inference: rec}})
+	a.recordInference(at, res, in, err)
 	return res, err
 }
 
@@ -267,7 +289,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	a.spool = o.Spool
 	if a.spool == nil {
-		db, err := spool.OpenSQLite(ctx, filepath.Join(cfg.Data, SpoolFile), cfg.SpoolMaxRecords)
+		db, err := openSpool(ctx, filepath.Join(cfg.Data, SpoolFile), cfg)
 		if err != nil {
 			return err
 		}
@@ -301,7 +323,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	a.sender = telemetry.New(telemetry.Options{Spool: a.spool, Publisher: a.link, Logger: log, AckTimeout: o.AckTimeout})
+	compression, _ := telemetry.ParseCompression(cfg.TelemetryCompression) // checked by Validate
+	a.sender = telemetry.New(telemetry.Options{Spool: a.spool, Publisher: a.link, Logger: log, AckTimeout: o.AckTimeout, Compression: compression})
 	queue := spool.NewQueue(a.spool, spool.QueueOptions{Logger: log, Flushed: a.sender.Poke})
 	a.queue.Store(queue)
 
@@ -334,12 +357,24 @@ func (a *Agent) Run(ctx context.Context) error {
 	if o.Ready != nil {
 		o.Ready(addr)
 	}
-	g.Go(func() error { return queue.Run(gctx) })
+	// The queue outlives the aggregator, which closes the open interval
+	// when it stops: that last aggregate must still reach the spool.
+	agg := a.newAggregator()
+	a.agg.Store(agg)
+	qctx, qcancel := context.WithCancel(context.WithoutCancel(gctx))
+	defer qcancel()
+	g.Go(func() error { return queue.Run(qctx) })
+	g.Go(func() error { defer qcancel(); return agg.Run(gctx) })
 	g.Go(func() error { return a.sender.Run(gctx) })
 	g.Go(func() error { return a.mgr.Run(gctx) })
 	g.Go(func() error { return a.link.Run(gctx) })
 	g.Go(func() error { return a.reportLoop(gctx, o.StateInterval) })
 	g.Go(func() error { return a.commandLoop(gctx) })
+	if a.upd != nil {
+		a.offerRelease()
+		g.Go(func() error { return a.upd.Run(gctx) })
+	}
+	g.Go(func() error { return a.keysLoop(gctx) })
 	err = g.Wait()
 	log.Info("agent stopped")
 	return err
@@ -353,6 +388,8 @@ func (a *Agent) handle(kind wire.Kind, env *pb.Envelope) {
 		a.mgr.Offer(env.GetDesired())
 	case wire.KindAck:
 		a.sender.Ack(env.GetAck())
+	case wire.KindKeys:
+		a.offerKeys(env.GetKeys())
 	case wire.KindCmd:
 		select {
 		case a.cmds <- env.GetCommand():
@@ -373,7 +410,11 @@ func (a *Agent) sayHello(ctx context.Context) {
 	st := a.state(ctx)
 	hello := &pb.Hello{
 		Labels: a.cfg.Labels, AgentVersion: Version, AbiVersions: slices.Clone(host.SupportedABIs),
-		Capabilities: Capabilities, State: st, Os: runtime.GOOS, Arch: runtime.GOARCH,
+		Capabilities: a.capabilities(), State: st, Os: runtime.GOOS, Arch: runtime.GOARCH,
+	}
+	if a.upd != nil {
+		hello.Capabilities = append(hello.Capabilities, "selfupdate")
+		hello.AgentUpdate = st.GetAgentUpdate()
 	}
 	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -381,7 +422,10 @@ func (a *Agent) sayHello(ctx context.Context) {
 		a.log.Warn("hello not sent", "err", err)
 		return
 	}
-	a.publishState(pctx, st)
+	if a.publishState(pctx, st) && a.upd != nil {
+		// Connected and reported: the healthy marker of a new version.
+		a.upd.Connected()
+	}
 }
 
 // Event publishes a deployment event, or spools it when offline so the
@@ -405,6 +449,7 @@ func (a *Agent) Event(ctx context.Context, ev *pb.Event) {
 
 // StateChanged schedules a state report. It never blocks.
 func (a *Agent) StateChanged() {
+	a.offerRelease()
 	select {
 	case a.statePoke <- struct{}{}:
 	default:
@@ -427,36 +472,43 @@ func (a *Agent) state(ctx context.Context) *pb.ReportedState {
 		AgentVersion:      Version,
 		RecentErrors:      a.mgr.RecentErrors(),
 	}
+	if a.upd != nil {
+		st.AgentUpdate = a.upd.State()
+	}
 	if ss, err := a.spool.Stats(ctx); err == nil {
 		st.SpoolDepth, st.SpoolDropped = ss.Depth, ss.Dropped
+		st.SpoolDroppedByClass = droppedByClass(ss, a.queue.Load())
 	}
 	if q := a.queue.Load(); q != nil {
 		st.SpoolDropped += q.Dropped()
 	}
 	st.Health = pb.Health_HEALTH_OK
-	active := 0
 	for _, s := range st.Slots {
-		if s.GetActive() != nil {
-			active++
-		}
 		if s.GetLastError() != "" {
 			st.Health = pb.Health_HEALTH_DEGRADED
 		}
 	}
-	if a.mgr.DesiredSlots() > 0 && active == 0 {
+	// A slot still converging (the first model downloading, say) serves
+	// nothing yet but is on its way: degraded. Failing is for a desired
+	// slot the agent gave up on: only the controller can fix that.
+	switch converging, failed := a.mgr.Unserved(); {
+	case failed > 0:
 		st.Health = pb.Health_HEALTH_FAILING
+	case converging > 0:
+		st.Health = pb.Health_HEALTH_DEGRADED
 	}
 	return st
 }
 
-func (a *Agent) publishState(ctx context.Context, st *pb.ReportedState) {
+func (a *Agent) publishState(ctx context.Context, st *pb.ReportedState) bool {
 	if err := a.link.Publish(ctx, wire.KindState, st); err != nil {
 		a.log.Debug("state not published", "err", err)
-		return
+		return false
 	}
 	a.mu.Lock()
 	a.lastSent = st
 	a.mu.Unlock()
+	return true
 }
 
 // reportLoop publishes the state when something changed, and re-checks it
@@ -534,11 +586,14 @@ func (a *Agent) writeMetrics(w io.Writer) {
 	metric("edgefleet_agent_mqtt_connected", "gauge", "1 while connected to the broker.", b2i(ls.Connected))
 	metric("edgefleet_agent_mqtt_connects_total", "counter", "Successful broker connections.", ls.Connects)
 	metric("edgefleet_agent_mqtt_malformed_total", "counter", "Messages dropped as malformed.", ls.Malformed)
+	metric("edgefleet_agent_mqtt_oversized_total", "counter", "Messages dropped unread for being over wire.MaxPayload (counted in malformed too).", ls.Oversized)
 	metric("edgefleet_agent_spool_depth", "gauge", "Records waiting in the spool.", ss.Depth)
 	metric("edgefleet_agent_spool_dropped_total", "counter", "Records dropped by the spool bound or a full queue.", ss.Dropped+q.Dropped())
 	metric("edgefleet_agent_telemetry_batches_total", "counter", "Telemetry batches published, resends included.", ts.Batches)
 	metric("edgefleet_agent_telemetry_resent_total", "counter", "Telemetry batches resent after an ack timeout.", ts.Resent)
 	metric("edgefleet_agent_telemetry_acked_total", "counter", "Records deleted after the controller's ack.", ts.Acked)
 	metric("edgefleet_agent_desired_generation", "gauge", "Generation of the last accepted desired state.", a.mgr.Generation())
+	a.writeTelemetryMetrics(w, ss, q)
 	a.writeActivationMetrics(w)
+	a.writeKeyMetrics(w)
 }

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -214,6 +215,7 @@ func TestAgentEndToEnd(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.ID, cfg.Data, cfg.Broker, cfg.Controller = dev, data, broker.URL(), srv.URL
 	cfg.Labels = map[string]string{"region": "eu"}
+	cfg.AllowUnsigned = true // the test's desired states are unsigned
 
 	a := startAgent(t, cfg, h, nil)
 	if code, _ := get(t, "http://"+a.addr+"/v2/health/ready"); code != 503 {
@@ -383,6 +385,10 @@ func TestRunRefusesBadConfig(t *testing.T) {
 	}
 	cfg = DefaultConfig()
 	cfg.ID, cfg.Data = "x", t.TempDir()
+	if err := Run(t.Context(), cfg, Options{}); !errors.Is(err, ErrNoKeys) || !strings.Contains(err.Error(), "--release-key") || !strings.Contains(err.Error(), "--allow-unsigned") {
+		t.Fatalf("Run without keys: %v", err)
+	}
+	cfg.AllowUnsigned = true
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

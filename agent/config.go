@@ -14,8 +14,10 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/edgefleet/edgefleet/agent/spool"
+	"github.com/edgefleet/edgefleet/agent/telemetry"
 	"github.com/edgefleet/edgefleet/proto/wire"
 	"gopkg.in/yaml.v3"
 )
@@ -41,6 +43,17 @@ type Config struct {
 	LogLevel string `yaml:"log_level"`
 	// SpoolMaxRecords bounds the telemetry spool.
 	SpoolMaxRecords uint64 `yaml:"spool_max_records"`
+	// SpoolMaxBytes bounds the spool file (0: only the disk bounds it).
+	// Full, it drops records by the spool's policy. At most half the
+	// filesystem's free space: the WAL beside the file needs the rest.
+	SpoolMaxBytes uint64 `yaml:"spool_max_bytes"`
+	// AggregateInterval is the length of the inference aggregates (0: one
+	// minute); it divides a minute or is a whole number of minutes, so the
+	// controller's per-minute rollups are exact.
+	AggregateInterval time.Duration `yaml:"aggregate_interval"`
+	// TelemetryCompression is auto (zstd while the controller reads it),
+	// zstd or off.
+	TelemetryCompression string `yaml:"telemetry_compression"`
 	// TLSCert and TLSKey are the device's MQTT client certificate and key
 	// (`fleet certs device ID`); the broker takes the device id from the
 	// certificate. They need an ssl:// (or tls://, mqtts://, wss://) broker.
@@ -62,10 +75,16 @@ type Config struct {
 	// (DATA/keys/director.pub on the controller); every desired state must
 	// be signed by one of them.
 	DirectorKeys []string `yaml:"director_keys"`
-	// AllowUnsigned accepts unsigned bundles and desired states with a
-	// warning (development, or a fleet moving to signing). With no keys
-	// configured at all the agent checks nothing and says so loudly.
+	// AllowUnsigned lets the agent start without both keys and accepts
+	// unsigned bundles and desired states with a warning (development, or
+	// a fleet moving to signing). Without it, an agent missing a key
+	// refuses to start; with it and no key at all, it checks nothing and
+	// says so loudly.
 	AllowUnsigned bool `yaml:"allow_unsigned"`
+	// UpdateDeadline is how long a new agent release has to connect and
+	// report healthy before the watchdog (fleet-agent supervise) restores
+	// the previous binary, when the rollout sets none. Zero: 60s.
+	UpdateDeadline time.Duration `yaml:"update_deadline"`
 }
 
 // Defaults.
@@ -91,6 +110,9 @@ func DefaultConfig() Config {
 		Listen:          DefaultListen,
 		LogLevel:        DefaultLogLevel,
 		SpoolMaxRecords: spool.DefaultMaxRecords,
+
+		AggregateInterval:    telemetry.DefaultInterval,
+		TelemetryCompression: "auto",
 	}
 }
 
@@ -157,6 +179,18 @@ func (c Config) Validate() error {
 			}
 		}
 	}
+	if c.SpoolMaxBytes != 0 && c.SpoolMaxBytes < spool.MinMaxBytes {
+		errs = append(errs, fmt.Errorf("spool_max_bytes: %d is too small; use 0 (no bound but the disk's) or at least %d", c.SpoolMaxBytes, spool.MinMaxBytes))
+	}
+	if iv := c.AggregateInterval; iv != 0 && (iv < time.Second || iv > time.Hour || (time.Minute%iv != 0 && iv%time.Minute != 0)) {
+		errs = append(errs, fmt.Errorf("aggregate_interval: %s; use 1s to 1h, dividing a minute or a whole number of minutes (e.g. 10s, 1m, 5m)", iv))
+	}
+	if _, err := telemetry.ParseCompression(c.TelemetryCompression); err != nil {
+		errs = append(errs, fmt.Errorf("telemetry_compression: %w", err))
+	}
+	if c.UpdateDeadline < 0 || (c.UpdateDeadline > 0 && c.UpdateDeadline < time.Second) {
+		errs = append(errs, fmt.Errorf("update_deadline: %s is too short for a restart; use at least 1s (default 60s)", c.UpdateDeadline))
+	}
 	if c.SpoolMaxRecords < 100 {
 		errs = append(errs, fmt.Errorf("spool_max_records: %d is too small; use at least 100 (default %d)", c.SpoolMaxRecords, spool.DefaultMaxRecords))
 	}
@@ -213,7 +247,7 @@ func ParseConfigFile(data []byte, base Config) (Config, error) {
 }
 
 func configKeys() []string {
-	return []string{"id", "data", "labels", "broker", "controller", "listen", "log_level", "spool_max_records", "tls_cert", "tls_key", "tls_ca", "health", "shadow", "release_keys", "director_keys", "allow_unsigned"}
+	return []string{"id", "data", "labels", "broker", "controller", "listen", "log_level", "spool_max_records", "spool_max_bytes", "aggregate_interval", "telemetry_compression", "tls_cert", "tls_key", "tls_ca", "health", "shadow", "release_keys", "director_keys", "allow_unsigned", "update_deadline"}
 }
 
 // listFlag collects a repeated flag's values.
@@ -259,22 +293,26 @@ func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Con
 	fs.SetOutput(usage)
 	def := DefaultConfig()
 	var (
-		configFile = fs.String("config", "", "YAML configuration `file` (env EDGEFLEET_CONFIG)")
-		data       = fs.String("data", def.Data, "data `dir`ectory: spool, bundles, state (env EDGEFLEET_DATA)")
-		id         = fs.String("id", "", "device `id` (env EDGEFLEET_ID; default: derived from the host name)")
-		broker     = fs.String("broker", def.Broker, "MQTT broker `URL` (env EDGEFLEET_BROKER)")
-		controller = fs.String("controller", def.Controller, "controller `URL` for bundle downloads (env EDGEFLEET_CONTROLLER)")
-		listen     = fs.String("listen", def.Listen, "local inference endpoint `address` (env EDGEFLEET_LISTEN)")
-		logLevel   = fs.String("log-level", def.LogLevel, "debug, info, warn or error (env EDGEFLEET_LOG_LEVEL)")
-		spoolMax   = fs.Uint64("spool-max-records", def.SpoolMaxRecords, "bound of the telemetry spool (env EDGEFLEET_SPOOL_MAX_RECORDS)")
-		tlsCert    = fs.String("tls-cert", "", "device certificate `file` for an ssl:// broker (env EDGEFLEET_TLS_CERT)")
-		tlsKey     = fs.String("tls-key", "", "device key `file` (env EDGEFLEET_TLS_KEY)")
-		tlsCA      = fs.String("tls-ca", "", "CA `file` of the broker's certificate, the fleet's ca.crt (env EDGEFLEET_TLS_CA)")
-		shadow     = fs.Bool("shadow", false, "give every new version a shadow phase before its switch (env EDGEFLEET_SHADOW=1; tune it under shadow: in the config file)")
-		labels     = labelFlag{}
-		unsigned   = fs.Bool("allow-unsigned", false, "DEVELOPMENT ONLY: accept unsigned bundles and desired states, with a warning (env EDGEFLEET_ALLOW_UNSIGNED=1)")
-		releaseKs  listFlag
-		directorKs listFlag
+		configFile  = fs.String("config", "", "YAML configuration `file` (env EDGEFLEET_CONFIG)")
+		data        = fs.String("data", def.Data, "data `dir`ectory: spool, bundles, state (env EDGEFLEET_DATA)")
+		id          = fs.String("id", "", "device `id` (env EDGEFLEET_ID; default: derived from the host name)")
+		broker      = fs.String("broker", def.Broker, "MQTT broker `URL` (env EDGEFLEET_BROKER)")
+		controller  = fs.String("controller", def.Controller, "controller `URL` for bundle downloads (env EDGEFLEET_CONTROLLER)")
+		listen      = fs.String("listen", def.Listen, "local inference endpoint `address` (env EDGEFLEET_LISTEN)")
+		logLevel    = fs.String("log-level", def.LogLevel, "debug, info, warn or error (env EDGEFLEET_LOG_LEVEL)")
+		spoolMax    = fs.Uint64("spool-max-records", def.SpoolMaxRecords, "bound of the telemetry spool (env EDGEFLEET_SPOOL_MAX_RECORDS)")
+		spoolBytes  = fs.Uint64("spool-max-bytes", 0, "bound of the spool file in `bytes`; 0: only the disk (env EDGEFLEET_SPOOL_MAX_BYTES)")
+		aggEvery    = fs.Duration("aggregate-interval", def.AggregateInterval, "length of the inference aggregates sent to the controller (env EDGEFLEET_AGGREGATE_INTERVAL)")
+		compress    = fs.String("telemetry-compression", def.TelemetryCompression, "auto (zstd while the controller reads it), zstd or off (env EDGEFLEET_TELEMETRY_COMPRESSION)")
+		tlsCert     = fs.String("tls-cert", "", "device certificate `file` for an ssl:// broker (env EDGEFLEET_TLS_CERT)")
+		tlsKey      = fs.String("tls-key", "", "device key `file` (env EDGEFLEET_TLS_KEY)")
+		tlsCA       = fs.String("tls-ca", "", "CA `file` of the broker's certificate, the fleet's ca.crt (env EDGEFLEET_TLS_CA)")
+		shadow      = fs.Bool("shadow", false, "give every new version a shadow phase before its switch (env EDGEFLEET_SHADOW=1; tune it under shadow: in the config file)")
+		labels      = labelFlag{}
+		unsigned    = fs.Bool("allow-unsigned", false, "DEVELOPMENT ONLY: start without --release-key/--director-key and accept unsigned bundles and desired states, with a warning (env EDGEFLEET_ALLOW_UNSIGNED=1)")
+		updDeadline = fs.Duration("update-deadline", 0, "how long a new agent release has to connect and report before the watchdog restores the previous binary (default 60s; env EDGEFLEET_UPDATE_DEADLINE)")
+		releaseKs   listFlag
+		directorKs  listFlag
 	)
 	fs.Var(labels, "label", "device label `key=value`, repeatable (env EDGEFLEET_LABELS=k=v,k2=v2)")
 	fs.Var(&releaseKs, "release-key", "release public key `file` bundles must be signed with, repeatable (env EDGEFLEET_RELEASE_KEYS=a.pub,b.pub)")
@@ -317,6 +355,7 @@ func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Con
 		{"tls-cert", "EDGEFLEET_TLS_CERT", &cfg.TLSCert, tlsCert},
 		{"tls-key", "EDGEFLEET_TLS_KEY", &cfg.TLSKey, tlsKey},
 		{"tls-ca", "EDGEFLEET_TLS_CA", &cfg.TLSCA, tlsCA},
+		{"telemetry-compression", "EDGEFLEET_TELEMETRY_COMPRESSION", &cfg.TelemetryCompression, compress},
 	}
 	for _, s := range strs {
 		if v := getenv(s.env); v != "" {
@@ -335,6 +374,26 @@ func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Con
 	}
 	if set["spool-max-records"] {
 		cfg.SpoolMaxRecords = *spoolMax
+	}
+	if v := getenv("EDGEFLEET_SPOOL_MAX_BYTES"); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return Config{}, fmt.Errorf("EDGEFLEET_SPOOL_MAX_BYTES=%q is not a number of bytes", v)
+		}
+		cfg.SpoolMaxBytes = n
+	}
+	if set["spool-max-bytes"] {
+		cfg.SpoolMaxBytes = *spoolBytes
+	}
+	if v := getenv("EDGEFLEET_AGGREGATE_INTERVAL"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return Config{}, fmt.Errorf("EDGEFLEET_AGGREGATE_INTERVAL=%q is not a duration; use e.g. 1m", v)
+		}
+		cfg.AggregateInterval = d
+	}
+	if set["aggregate-interval"] {
+		cfg.AggregateInterval = *aggEvery
 	}
 	if v := getenv("EDGEFLEET_SHADOW"); v != "" {
 		b, err := strconv.ParseBool(v)
@@ -355,6 +414,16 @@ func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Con
 	}
 	if set["allow-unsigned"] {
 		cfg.AllowUnsigned = *unsigned
+	}
+	if v := getenv("EDGEFLEET_UPDATE_DEADLINE"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return Config{}, fmt.Errorf("EDGEFLEET_UPDATE_DEADLINE=%q: use a duration such as 60s", v)
+		}
+		cfg.UpdateDeadline = d
+	}
+	if set["update-deadline"] {
+		cfg.UpdateDeadline = *updDeadline
 	}
 	// Key lists are replaced, not merged: a flag names the whole set.
 	for _, k := range []struct {

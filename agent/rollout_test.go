@@ -33,6 +33,7 @@ func TestRolloutSteps(t *testing.T) {
 	flaky.Health = &pb.HealthPolicy{WatchMs: 60_000, MaxErrorRate: 0.05, MinInferences: 20}
 	cfg := DefaultConfig()
 	cfg.ID, cfg.Data, cfg.Broker, cfg.Controller = dev, t.TempDir(), broker.URL(), srv.URL
+	cfg.AllowUnsigned = true // the test's desired states are unsigned
 	a := startAgent(t, cfg, modeltest.NewHost(t, host.Options{PoolSize: 2}), nil)
 	ctl.WaitFor(10*time.Second, "hello", brokertest.Kind(dev, wire.KindHello))
 

@@ -59,6 +59,7 @@ func TestSwapUnderLoad(t *testing.T) {
 	h := modeltest.NewHost(t, host.Options{PoolSize: 2})
 	cfg := DefaultConfig()
 	cfg.ID, cfg.Data, cfg.Broker, cfg.Controller = dev, t.TempDir(), broker.URL(), srv.URL
+	cfg.AllowUnsigned = true // the test's desired states are unsigned
 	a := startAgent(t, cfg, h, spool.NewMemory(0))
 	ctl.WaitFor(10*time.Second, "hello", brokertest.Kind(dev, wire.KindHello))
 	ctl.Send(dev, wire.KindDesired, desired(1, v1))
@@ -205,6 +206,7 @@ func TestEmbedded(t *testing.T) {
 	for _, id := range ids {
 		cfg := DefaultConfig()
 		cfg.ID, cfg.Data, cfg.Broker, cfg.Controller = id, t.TempDir(), broker.URL(), srv.URL
+		cfg.AllowUnsigned = true // the test's desired states are unsigned
 		spools[id] = spool.NewMemory(0)
 		a, err := New(cfg, Options{Logger: log, Loader: loader, Spool: spools[id], NoListener: true,
 			MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond, StateInterval: 100 * time.Millisecond,

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -72,9 +73,28 @@ func TestGuardFor(t *testing.T) {
 	var logs bytes.Buffer
 	log := slog.New(slog.NewTextHandler(&logs, nil))
 
-	g, err := guardFor(Config{Data: dir}, log)
+	// Without both keys the agent does not start, unless told to.
+	for _, c := range []struct {
+		name string
+		cfg  Config
+		want string
+	}{
+		{"no keys", Config{Data: dir}, "no release key and no director key"},
+		{"no director key", Config{Data: dir, ReleaseKeys: []string{rel}}, "no director key configured"},
+		{"no release key", Config{Data: dir, DirectorKeys: []string{dirKey}}, "no release key configured"},
+	} {
+		g, err := guardFor(c.cfg, log)
+		if g != nil || !errors.Is(err, ErrNoKeys) || !strings.Contains(err.Error(), c.want) ||
+			!strings.Contains(err.Error(), "--release-key") || !strings.Contains(err.Error(), "--director-key") || !strings.Contains(err.Error(), "--allow-unsigned") {
+			t.Errorf("%s: %T, %v", c.name, g, err)
+		}
+	}
+	g, err := guardFor(Config{Data: dir, AllowUnsigned: true}, log)
 	if _, ok := g.(deploy.AllowAll); err != nil || !ok || !strings.Contains(logs.String(), "NO RELEASE OR DIRECTOR KEY") {
-		t.Fatalf("no keys: %T, %v, logs %s", g, err, logs.String())
+		t.Fatalf("no keys, --allow-unsigned: %T, %v, logs %s", g, err, logs.String())
+	}
+	if g, err := guardFor(Config{Data: dir, AllowUnsigned: true, ReleaseKeys: []string{rel}}, log); err != nil || g.(*deploy.TrustGuard).Director != nil {
+		t.Fatalf("release key only, --allow-unsigned: %T, %v", g, err)
 	}
 
 	g, err = guardFor(Config{Data: dir, ReleaseKeys: []string{rel}, DirectorKeys: []string{dirKey}}, log)
@@ -86,7 +106,7 @@ func TestGuardFor(t *testing.T) {
 		t.Fatalf("guard %#v", g)
 	}
 
-	if _, err := guardFor(Config{Data: dir, DirectorKeys: []string{filepath.Join(dir, "missing.pub")}}, log); err == nil ||
+	if _, err := guardFor(Config{Data: dir, ReleaseKeys: []string{rel}, DirectorKeys: []string{filepath.Join(dir, "missing.pub")}}, log); err == nil ||
 		!strings.Contains(err.Error(), "director_keys") || !strings.Contains(err.Error(), "missing.pub") {
 		t.Fatalf("missing key file: %v", err)
 	}
@@ -97,7 +117,7 @@ func TestGuardFor(t *testing.T) {
 	if err := os.WriteFile(privPath, pem, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := guardFor(Config{Data: dir, ReleaseKeys: []string{privPath}}, log); err == nil || !strings.Contains(err.Error(), "PUBLIC KEY") {
+	if _, err := guardFor(Config{Data: dir, ReleaseKeys: []string{privPath}, DirectorKeys: []string{dirKey}}, log); err == nil || !strings.Contains(err.Error(), "PUBLIC KEY") {
 		t.Fatalf("private key as release key: %v", err)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 
@@ -47,6 +48,16 @@ type Config struct {
 	// external broker it verifies the broker's certificate.
 	MQTTClientCA string
 
+	// TelemetryRetention is how long inference aggregates (per device per
+	// minute) are kept (--telemetry-retention, e.g. 7d or 36h).
+	TelemetryRetention string
+	// TelemetryRawRetention is how long raw telemetry batches are kept
+	// (--telemetry-raw-retention); 0 keeps none, only their aggregates and
+	// the seqs that dedupe them.
+	TelemetryRawRetention string
+	// retention and rawRetention are the two, parsed by Validate.
+	retention, rawRetention time.Duration
+
 	// Tests shorten the MQTT link's waits; zero means the link's defaults.
 	publishTimeout, connectTimeout time.Duration
 	// rolloutTuning, when set, gives the rollout engine's timings and
@@ -62,6 +73,9 @@ func DefaultConfig() Config {
 		MQTTListen: "127.0.0.1:1883",
 		HTTPListen: "127.0.0.1:8080",
 		LogLevel:   "info",
+
+		TelemetryRetention:    "7d",
+		TelemetryRawRetention: "2d",
 	}
 }
 
@@ -85,6 +99,8 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "log level: debug, info, warn or error")
 	fs.StringVar(&c.MQTTTLSCert, "mqtt-tls-cert", c.MQTTTLSCert, "MQTT TLS certificate: the embedded broker's (devices must then present certificates), or the controller's client certificate for an ssl:// --broker")
 	fs.StringVar(&c.MQTTTLSKey, "mqtt-tls-key", c.MQTTTLSKey, "key of --mqtt-tls-cert")
+	fs.StringVar(&c.TelemetryRetention, "telemetry-retention", c.TelemetryRetention, "how long inference aggregates (per device per minute) are kept, e.g. 7d or 36h")
+	fs.StringVar(&c.TelemetryRawRetention, "telemetry-raw-retention", c.TelemetryRawRetention, "how long raw telemetry batches are kept, e.g. 2d; 0 keeps none")
 	fs.StringVar(&c.MQTTClientCA, "mqtt-client-ca", c.MQTTClientCA, "fleet CA: signs every MQTT client's certificate (embedded broker), or the ssl:// --broker's certificate")
 }
 
@@ -100,6 +116,9 @@ func (c *Config) fields() map[string]*string {
 		"mqtt-tls-cert":  &c.MQTTTLSCert,
 		"mqtt-tls-key":   &c.MQTTTLSKey,
 		"mqtt-client-ca": &c.MQTTClientCA,
+
+		"telemetry-retention":     &c.TelemetryRetention,
+		"telemetry-raw-retention": &c.TelemetryRawRetention,
 	}
 }
 
@@ -137,6 +156,13 @@ func (c *Config) Validate() error {
 	if _, err := c.Level(); err != nil {
 		errs = append(errs, err)
 	}
+	var err error
+	if c.retention, err = parseRetention(c.TelemetryRetention, "7d"); err != nil || c.retention <= 0 {
+		errs = append(errs, fmt.Errorf("--telemetry-retention %q: give a positive duration such as 7d or 36h", c.TelemetryRetention))
+	}
+	if c.rawRetention, err = parseRetention(c.TelemetryRawRetention, "2d"); err != nil || c.rawRetention < 0 {
+		errs = append(errs, fmt.Errorf("--telemetry-raw-retention %q: give a duration such as 2d or 12h, or 0 to keep no raw batches", c.TelemetryRawRetention))
+	}
 	return errors.Join(errs...)
 }
 
@@ -166,4 +192,20 @@ func checkAddr(addr string) error {
 		return fmt.Errorf("%q has no port", addr)
 	}
 	return nil
+}
+
+// parseRetention reads a Go duration or a number of days ("7d"); empty
+// takes def.
+func parseRetention(s, def string) (time.Duration, error) {
+	if s == "" {
+		s = def
+	}
+	if d, ok := strings.CutSuffix(s, "d"); ok {
+		n, err := strconv.ParseFloat(d, 64)
+		if err != nil {
+			return 0, err
+		}
+		return time.Duration(n * float64(24*time.Hour)), nil
+	}
+	return time.ParseDuration(s)
 }

@@ -5,6 +5,7 @@ import (
 	"io"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestConfigPrecedence(t *testing.T) {
@@ -24,7 +25,8 @@ func TestConfigPrecedence(t *testing.T) {
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	want := Config{DataDir: "/flag/data", MQTTListen: "127.0.0.1:1883", HTTPListen: "0.0.0.0:9000", PublicURL: "http://fleet:9000", LogLevel: "debug"}
+	want := Config{DataDir: "/flag/data", MQTTListen: "127.0.0.1:1883", HTTPListen: "0.0.0.0:9000", PublicURL: "http://fleet:9000", LogLevel: "debug",
+		TelemetryRetention: "7d", TelemetryRawRetention: "2d", retention: 7 * 24 * time.Hour, rawRetention: 48 * time.Hour}
 	if cfg != want {
 		t.Fatalf("config = %+v, want %+v", cfg, want)
 	}
@@ -54,6 +56,9 @@ func TestConfigValidate(t *testing.T) {
 		{"external TLS broker, server auth only", func(c *Config) { c.Broker = "ssl://b:8883"; c.MQTTClientCA = "ca" }, ""},
 		{"TLS flags with a plain broker", func(c *Config) { c.Broker = "tcp://b:1883"; c.MQTTClientCA = "ca" }, "need an encrypted URL such as ssl://b:1883"},
 		{"client cert without key", func(c *Config) { c.Broker = "ssl://b:8883"; c.MQTTTLSCert = "c" }, "go together"},
+		{"retention in hours", func(c *Config) { c.TelemetryRetention = "36h"; c.TelemetryRawRetention = "0" }, ""},
+		{"no retention", func(c *Config) { c.TelemetryRetention = "0" }, "--telemetry-retention"},
+		{"bad raw retention", func(c *Config) { c.TelemetryRawRetention = "a week" }, "--telemetry-raw-retention"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

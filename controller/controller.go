@@ -36,7 +36,6 @@ import (
 	"github.com/edgefleet/edgefleet/controller/rollout"
 	"github.com/edgefleet/edgefleet/controller/store"
 	"github.com/edgefleet/edgefleet/controller/telemetry"
-	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 	"github.com/edgefleet/edgefleet/proto/wire"
 )
 
@@ -50,6 +49,8 @@ type Controller struct {
 	link      *link.Link
 	inventory *inventory.Inventory
 	ingest    *telemetry.Ingest
+	pruner    *telemetry.Pruner
+	drops     *telemetry.Drops
 	director  *director.Director
 	rollouts  *rollout.Engine
 	metrics   *metrics.Registry
@@ -140,6 +141,8 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 		ConnectTimeout: cfg.connectTimeout,
 
 		TLS: linkTLS, Username: linkUser, Password: linkPassword,
+
+		LazyTelemetry: true,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("--broker: %w", err)
@@ -163,13 +166,31 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 		Store: st, Publisher: desiredPub, Logger: log, Metrics: c.metrics, ArtifactBaseURL: cfg.PublicURL,
 		Key: directorKey,
 	})
+	// Key announcements (DATA/keys/announcements.pb) go to every known
+	// device after a rotation and to each device at its hello.
+	if err := c.director.EnableRotation(cfg.DataDir, func(ctx context.Context) ([]string, error) {
+		devs, err := st.Devices(ctx)
+		ids := make([]string, 0, len(devs))
+		for _, d := range devs {
+			ids = append(ids, d.ID)
+		}
+		return ids, err
+	}); err != nil {
+		return nil, err
+	}
 	c.inventory = inventory.New(st, c.director, log)
-	c.ingest = telemetry.New(telemetry.Options{Store: st, Publisher: c.link, Logger: log, Metrics: c.metrics})
+	c.ingest = telemetry.New(telemetry.Options{Store: st, Publisher: c.link, Logger: log, Metrics: c.metrics, KeepRaw: cfg.rawRetention > 0})
+	c.drops = telemetry.NewDrops(c.metrics)
+	c.registerMetrics()
+	c.pruner = &telemetry.Pruner{Store: st, RawRetention: cfg.rawRetention, AggRetention: cfg.retention, Logger: log.With("component", "telemetry")}
 	var ropts rollout.Options
 	if cfg.rolloutTuning != nil {
 		ropts = *cfg.rolloutTuning
 	}
 	ropts.Store, ropts.Issuer, ropts.Logger = st, c.director, log.With("component", "rollouts")
+	if ropts.Drift == nil {
+		ropts.Drift = &telemetry.DriftSource{Store: st}
+	}
 	if c.rollouts, err = rollout.New(ropts); err != nil {
 		return nil, err
 	}
@@ -180,8 +201,8 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 	}
 	c.httpSrv = &http.Server{
 		Handler: api.New(api.Options{
-			Devices: st, Registry: reg, Assigner: c.director, Rollouts: c.rollouts, Metrics: c.metrics,
-			Tokens: st, Audit: st,
+			Devices: st, Registry: reg, Releases: reg, Assigner: c.director, Rollouts: c.rollouts, Metrics: c.metrics,
+			Tokens: st, Audit: st, Keys: c.director, Telemetry: st,
 			Logger: log.With("component", "http"), Stopping: c.stopping,
 		}),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -278,7 +299,7 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 		part string
 		err  error
 	}
-	results := make(chan result, 5)
+	results := make(chan result, 8)
 	c.log.Info("controller starting", "mqtt", c.MQTTAddr(), "broker_embedded", c.broker != nil)
 	running := 0
 	start := func(part string, fn func() error) {
@@ -298,6 +319,12 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 		start("broker", func() error { return c.broker.Run(brokerCtx) })
 	}
 	start("director", func() error { return c.director.Run(directorCtx) })
+	// The telemetry writer outlives the link, so what the link handed
+	// over is committed (and acked, if the link can still publish).
+	telemetryCtx, stopTelemetry := context.WithCancel(context.Background())
+	defer stopTelemetry()
+	start("telemetry", func() error { return c.ingest.Run(telemetryCtx) })
+	start("telemetry pruner", func() error { return c.pruner.Run(telemetryCtx) })
 	start("mqtt link", func() error { return c.link.Run(linkCtx) })
 
 	var firstErr error
@@ -373,6 +400,8 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 	// The broker goes last among the network parts, so the link's
 	// disconnect reaches it.
 	waitFor("mqtt link")
+	stopTelemetry()
+	waitFor("telemetry")
 	stopBroker()
 	if c.broker != nil {
 		waitFor("broker")
@@ -441,17 +470,32 @@ func (c *Controller) handleMessage(ctx context.Context, m link.Message) error {
 	switch m.Kind {
 	case wire.KindHello:
 		err = c.inventory.Hello(ctx, m.DeviceID, at, env.GetHello())
+		c.director.PublishKeys(m.DeviceID)
 	case wire.KindState:
 		err = c.inventory.State(ctx, m.DeviceID, at, env.GetState())
+		c.drops.Report(m.DeviceID, env.GetState().GetSpoolDroppedByClass())
 	case wire.KindPresence:
 		err = c.inventory.Presence(ctx, m.DeviceID, at, env.GetPresence())
 	case wire.KindEvents:
 		err = c.inventory.Event(ctx, m.DeviceID, at, env.GetEvent())
 	case wire.KindTelemetry:
-		err = c.ingest.Batch(ctx, m.DeviceID, at, env.GetTelemetry())
-		// Only the events a batch carries (spooled while offline) move
-		// rollouts; inference records are read by the gates.
-		changed = hasEvents(env.GetTelemetry())
+		// Stored by the telemetry writer's next group commit; only the
+		// events a batch carries (spooled while offline) move rollouts,
+		// once they are stored. Inference records are read by the gates.
+		changed = false
+		var sub telemetry.Submission
+		m.Received = at
+		if sub, err = c.ingest.FromMessage(m); err == nil {
+			if sub.HasEvents() {
+				id := m.DeviceID
+				sub.Done = func(err error) {
+					if err == nil {
+						c.rollouts.DeviceChanged(id)
+					}
+				}
+			}
+			err = c.ingest.Submit(ctx, sub)
+		}
 	default:
 		return fmt.Errorf("no handler for %s messages", m.Kind)
 	}
@@ -459,13 +503,4 @@ func (c *Controller) handleMessage(ctx context.Context, m link.Message) error {
 		c.rollouts.DeviceChanged(m.DeviceID)
 	}
 	return err
-}
-
-func hasEvents(b *pb.TelemetryBatch) bool {
-	for _, r := range b.GetRecords() {
-		if r.GetEvent() != nil {
-			return true
-		}
-	}
-	return false
 }

@@ -549,7 +549,7 @@ func TestRolloutDeadlinePolicies(t *testing.T) {
 				return !f.device("off-000").Online && !f.device("off-001").Online, "still online"
 			})
 			f.createRollout(fmt.Sprintf(`{"name":"p","selector":"fleet=a","model":"m@2.0.0",
-				"strategy":{"waves":["100%%"],"soak":"50ms","deadline":"1500ms","unreachable":%q,"failureBudget":2}}`, policy))
+				"strategy":{"waves":["100%%"],"soak":"50ms","deadline":"5s","unreachable":%q,"failureBudget":2}}`, policy))
 			switch policy {
 			case "fail":
 				r := f.waitPhase("p", rollout.PhaseSucceeded)
@@ -568,7 +568,7 @@ func TestRolloutDeadlinePolicies(t *testing.T) {
 				}
 			case "wait":
 				r := f.waitRollout("p", "healthy on the online devices", func(r api.Rollout) bool { return r.Steps["healthy"] == 8 })
-				time.Sleep(1600 * time.Millisecond) // past the deadline
+				time.Sleep(5100 * time.Millisecond) // past the deadline
 				r = f.rollout("p")
 				if r.Phase != "running" || r.Steps["notified"] != 2 {
 					t.Fatalf("rollout = %+v", r)

@@ -11,10 +11,12 @@
 //  2. compile, instantiate, golden self-test: Loader.Load (the wazero
 //     host). A version already loaded in the slot (the previous one, kept
 //     for rollback) skips all of it and switches at once.
-//  3. optional shadow phase (Options.Shadow): the candidate gets a copy of
-//     live inputs beside the active version, its answers compared and
-//     never returned; it is switched in when they agree enough, refused
-//     when they do not.
+//  3. optional shadow phase (the assignment's ShadowPolicy, else
+//     Options.Shadow): the candidate gets a copy of live inputs beside the
+//     active version, its answers compared and never returned; it is
+//     switched in when they agree enough, refused when they do not. A
+//     held candidate (hold) waits for the controller to order the switch;
+//     its figures are reported in SlotState.shadow meanwhile.
 //  4. atomic switch: state.json is written first, then the slot's active
 //     model is swapped under a lock that inferences only read; calls in
 //     flight finish on the old model, which is closed after them.
@@ -32,7 +34,8 @@
 // A slot's states, and what moves it (health.go, slot.go):
 //
 //	empty    --install-->            watching   (ACTIVATED)
-//	any      --install, shadow-->    shadowing  (candidate beside the active version)
+//	any      --install, shadow-->    shadowing  (VERIFIED, detail: shadow phase started ...)
+//	shadowing --held, plain assignment--> watching (ACTIVATED, detail: switched by the controller ...)
 //	shadowing --agreement ok-->      watching   (ACTIVATED, detail: the shadow figures)
 //	shadowing --agreement low-->     unchanged  (FAILED, candidate refused for the generation)
 //	watching --bounds held-->        healthy    (HEALTHY, SlotState.healthy = true)
@@ -110,9 +113,10 @@ type Options struct {
 	// Health fills what an assignment's HealthPolicy leaves unset; its own
 	// zero fields take DefaultHealthPolicy's.
 	Health HealthPolicy
-	// Shadow decides whether an assignment gets a shadow phase before its
-	// switch, and how; nil (or a nil answer) means none. Assignments
-	// ordering a rollback, and slots with nothing active, never get one.
+	// Shadow is the agent's own shadow phase for an assignment: nil (or a
+	// nil answer) means none. An assignment's own ShadowPolicy wins and
+	// takes only its unset fields from here. Assignments ordering a
+	// rollback, and slots with nothing active, never get one.
 	Shadow func(a *pb.SlotAssignment) *ShadowPolicy
 	// Guard checks bundles and versions before they load; nil: AllowAll.
 	Guard Guard
@@ -498,7 +502,7 @@ func (m *Manager) reconcile(ctx context.Context) time.Time {
 				continue // rolled back or refused in this generation: reported already
 			}
 			if c := m.candidateOf(a.Slot); c != nil && c.l.ref.Digest == digest {
-				if m.shadowPolicy(a.Slot, a.Assign) != nil {
+				if m.keepShadowing(a.Slot, c, a.Assign, ds.GetGeneration()) {
 					continue // shadowing
 				}
 				// The controller assigns the candidate without a shadow
@@ -639,6 +643,7 @@ func (m *Manager) install(ctx context.Context, gen uint64, a *pb.SlotAssignment)
 	if err := m.writeLoading(&LoadingRecord{Slot: a.GetSlot(), Digest: digest, Attempts: m.loadAttempts[digest] + 1}); err != nil {
 		return fmt.Errorf("cannot record the load attempt (%w); free disk space on the device", err)
 	}
+	m.precompile(ctx, log, b)
 	model, err := m.o.Loader.Load(ctx, b)
 	if werr := m.writeLoading(nil); werr != nil {
 		m.log.Error("cannot update the state file", "err", werr)
@@ -663,19 +668,6 @@ func (m *Manager) install(ctx context.Context, gen uint64, a *pb.SlotAssignment)
 		return err
 	}
 	return nil
-}
-
-// shadowPolicy is the shadow phase assignment a gets in slot, nil for none.
-func (m *Manager) shadowPolicy(slot string, a *pb.SlotAssignment) *ShadowPolicy {
-	if m.o.Shadow == nil || a.GetRollback() || m.activeRef(slot) == nil {
-		return nil
-	}
-	p := m.o.Shadow(a)
-	if p == nil {
-		return nil
-	}
-	q := p.withDefaults()
-	return &q
 }
 
 // writeLoading writes state.json for the slots as they are, with l as its

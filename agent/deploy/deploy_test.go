@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -82,6 +83,11 @@ func TestDecodeDesiredRefuses(t *testing.T) {
 		{"no url", func(d *pb.DesiredState) { d.Slots[0].Url = "" }, "no download url"},
 		{"no version", func(d *pb.DesiredState) { d.Slots[0].Model.Version = "" }, "name and a version"},
 		{"huge", func(d *pb.DesiredState) { d.Slots[0].Size = 1 << 40 }, "outside"},
+		{"shadow ok", func(d *pb.DesiredState) {
+			d.Slots[0].Shadow = &pb.ShadowPolicy{MinInferences: 10, MinAgreement: 0.98, Tolerance: 0.05, Hold: true}
+		}, ""},
+		{"shadow agreement > 1", func(d *pb.DesiredState) { d.Slots[0].Shadow = &pb.ShadowPolicy{MinAgreement: 98} }, "min_agreement 98 is outside 0..1"},
+		{"shadow tolerance NaN", func(d *pb.DesiredState) { d.Slots[0].Shadow = &pb.ShadowPolicy{Tolerance: math.NaN()} }, "tolerance NaN"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -104,10 +110,22 @@ func FuzzDecodeDesired(f *testing.F) {
 		{Slot: "s", Model: &pb.ModelRef{Name: "m", Version: "1", BundleSha256: strings.Repeat("0", 64)}, Url: "u"}}})
 	f.Add(raw)
 	f.Add([]byte{})
+	raw, _ = proto.Marshal(&pb.DesiredState{DeviceId: "d", Generation: 4, Slots: []*pb.SlotAssignment{
+		{Slot: "s", Model: &pb.ModelRef{Name: "m", Version: "2", BundleSha256: strings.Repeat("1", 64)}, Url: "u",
+			Shadow: &pb.ShadowPolicy{MinInferences: 50, MaxMs: 60_000, MinAgreement: 0.98, Tolerance: 0.05, Hold: true}}}})
+	f.Add(raw)
 	f.Fuzz(func(t *testing.T, raw []byte) {
 		ds, err := DecodeDesired(&pb.SignedDesiredState{Desired: raw})
 		if err == nil && (ds.GetGeneration() == 0 || len(ds.GetSlots()) > MaxSlots) {
 			t.Fatalf("accepted %v", ds)
+		}
+		for _, s := range ds.GetSlots() {
+			if p := s.GetShadow(); p != nil {
+				if a := p.GetMinAgreement(); err == nil && !(a >= 0 && a <= 1) {
+					t.Fatalf("accepted min_agreement %v", a)
+				}
+				ShadowPolicyFrom(p, nil) // must not panic
+			}
 		}
 	})
 }

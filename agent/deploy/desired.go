@@ -2,6 +2,7 @@ package deploy
 
 import (
 	"fmt"
+	"math"
 	"regexp"
 
 	"github.com/edgefleet/edgefleet/agent/fetch"
@@ -66,6 +67,24 @@ func DecodeDesired(sd *pb.SignedDesiredState) (*pb.DesiredState, error) {
 		if s.GetSize() < 0 || s.GetSize() > bundle.MaxBundleSize {
 			return nil, fmt.Errorf("desired slot %q: size %d is outside 0..%d", s.GetSlot(), s.GetSize(), bundle.MaxBundleSize)
 		}
+		if err := checkShadow(s.GetShadow()); err != nil {
+			return nil, fmt.Errorf("desired slot %q: shadow policy: %w", s.GetSlot(), err)
+		}
 	}
 	return ds, nil
+}
+
+// checkShadow refuses a shadow policy whose figures mean nothing; zero
+// fields are unset (the agent's defaults).
+func checkShadow(p *pb.ShadowPolicy) error {
+	if p == nil {
+		return nil
+	}
+	if a := p.GetMinAgreement(); math.IsNaN(a) || a < 0 || a > 1 {
+		return fmt.Errorf("min_agreement %v is outside 0..1", a)
+	}
+	if t := p.GetTolerance(); math.IsNaN(t) || math.IsInf(t, 0) || t < 0 {
+		return fmt.Errorf("tolerance %v is not a finite, non-negative number", t)
+	}
+	return nil
 }

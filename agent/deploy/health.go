@@ -126,11 +126,12 @@ func (m *Manager) checkHealth(ctx context.Context) time.Time {
 		}
 		if c := it.c; c != nil {
 			decided, promote, why := c.judge(now)
+			p, assign, gen := c.terms()
 			switch {
-			case !decided && !c.policy.Hold:
-				next = earliest(next, c.since.Add(c.policy.MaxDuration))
+			case !decided && !p.Hold:
+				next = earliest(next, c.since.Add(p.MaxDuration))
 			case decided && promote:
-				if err := m.promote(ctx, it.name, c, c.assign, c.gen, "after the shadow phase: "+why); err != nil {
+				if err := m.promote(ctx, it.name, c, assign, gen, "after the shadow phase: "+why); err != nil {
 					m.noteError(err.Error())
 					next = earliest(next, now.Add(m.o.RetryMin))
 				}
@@ -230,12 +231,14 @@ func (m *Manager) breach(ctx context.Context, name string, w *watch, bad *loaded
 
 // refuseCandidate ends a shadow phase whose answers disagree too much.
 func (m *Manager) refuseCandidate(ctx context.Context, name string, c *candidate, why string) {
+	_, assign, gen := c.terms()
 	err := m.mutate(ctx, name, func(s *slot) error {
 		if s.cand != c {
 			return errStale
 		}
-		s.cand, s.pending = nil, nil
-		s.refused = &RefusedRecord{Ref: c.l.ref, Generation: c.gen, Reason: "shadow phase: " + why}
+		st := c.stats()
+		s.cand, s.pending, s.shadowDone = nil, nil, &st
+		s.refused = &RefusedRecord{Ref: c.l.ref, Generation: gen, Reason: "shadow phase: " + why}
 		s.lastErr = fmt.Sprintf("refused %s %s after its shadow phase: %s", c.l.ref.Name, c.l.ref.Version, why)
 		return nil
 	})
@@ -248,8 +251,8 @@ func (m *Manager) refuseCandidate(ctx context.Context, name string, c *candidate
 	}
 	m.log.Warn("shadow candidate refused", "slot", name, "version", c.l.ref.Version, "figures", why)
 	m.noteError(fmt.Sprintf("slot %s: refused %s %s after its shadow phase: %s", name, c.l.ref.Name, c.l.ref.Version, why))
-	m.o.Reporter.Event(ctx, &pb.Event{Kind: pb.EventKind_EVENT_KIND_FAILED, Slot: name, Model: c.l.ref.proto(), Generation: c.gen,
-		RolloutId: c.assign.GetRolloutId(), Detail: "shadow phase: " + why, AtUnixMs: m.o.Now().UnixMilli()})
+	m.o.Reporter.Event(ctx, &pb.Event{Kind: pb.EventKind_EVENT_KIND_FAILED, Slot: name, Model: c.l.ref.proto(), Generation: gen,
+		RolloutId: assign.GetRolloutId(), Detail: "shadow phase: " + why, AtUnixMs: m.o.Now().UnixMilli()})
 }
 
 // shadowLoop answers the live calls copied to shadow candidates, one at
@@ -264,9 +267,15 @@ func (m *Manager) shadowLoop(ctx context.Context) error {
 			j.run(ctx)
 			j.c.mu.Lock()
 			due := !j.c.policy.Hold && j.c.compared == uint64(j.c.policy.MinInferences)
+			report := shadowReportDue(j.c.compared, j.c.policy.MinInferences)
 			j.c.mu.Unlock()
 			if due {
 				m.pokeHealth()
+			}
+			if report {
+				// The figures are in the reported state (SlotState.shadow):
+				// a held wave's gate waits for them.
+				m.o.Reporter.StateChanged()
 			}
 		}
 	}

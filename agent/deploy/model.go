@@ -35,6 +35,18 @@ func HostLoader(h *host.Host) Loader { return hostLoader{h} }
 
 type hostLoader struct{ h *host.Host }
 
+// Precompiler is implemented by a Loader that can compile a module into
+// its compilation cache ahead of Load (host.Host.Precompile), so that
+// activation, the step that decides and switches, instantiates from a warm
+// cache. The host loader does; the simulator's shared loader need not.
+type Precompiler interface {
+	Precompile(ctx context.Context, module []byte) error
+}
+
+func (l hostLoader) Precompile(ctx context.Context, module []byte) error {
+	return l.h.Precompile(ctx, module)
+}
+
 func (l hostLoader) Load(ctx context.Context, b *bundle.Bundle) (Model, error) {
 	m, err := l.h.Load(ctx, b)
 	if err != nil {

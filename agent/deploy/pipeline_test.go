@@ -408,8 +408,6 @@ func TestShadowPhase(t *testing.T) {
 			switch a.GetRolloutId() {
 			case "shadow":
 				return &ShadowPolicy{MinInferences: 20, MinAgreement: 0.9}
-			case "hold":
-				return &ShadowPolicy{Hold: true}
 			}
 			return nil
 		}
@@ -425,7 +423,12 @@ func TestShadowPhase(t *testing.T) {
 		m, ev, _ := f.startWith(shadow)
 		baseline(t, f, m, ev)
 		v2 := with(f.publish("default", "grid-anomaly", "1.1.0", modeltest.BuildExample(t, "grid-anomaly", "1.1.0")),
-			func(a *pb.SlotAssignment) { a.RolloutId = rollout })
+			func(a *pb.SlotAssignment) {
+				a.RolloutId = rollout
+				if rollout == "hold" { // only a desired state holds a candidate
+					a.Shadow = &pb.ShadowPolicy{Hold: true}
+				}
+			})
 		m.Offer(signed("dev-1", 2, v2))
 		ev.waitFor(t, pb.EventKind_EVENT_KIND_VERIFIED, 2)
 		deadline := time.Now().Add(30 * time.Second)
@@ -475,7 +478,7 @@ func TestShadowPhase(t *testing.T) {
 		if len(x.m.Shadows()) != 0 {
 			t.Fatalf("shadows after the switch: %v", x.m.Shadows())
 		}
-		if got := fmt.Sprint(x.ev.kinds(2)); got != "[EVENT_KIND_DOWNLOADING EVENT_KIND_VERIFIED EVENT_KIND_ACTIVATED]" {
+		if got := fmt.Sprint(x.ev.kinds(2)); got != "[EVENT_KIND_DOWNLOADING EVENT_KIND_VERIFIED EVENT_KIND_VERIFIED EVENT_KIND_ACTIVATED]" {
 			t.Fatalf("events %s", got)
 		}
 	})
@@ -490,7 +493,7 @@ func TestShadowPhase(t *testing.T) {
 				row = dip // half the answers flip
 			}
 			answers = append(answers, want10(t, x.m, row))
-			if len(x.ev.kinds(2)) > 2 {
+			if len(x.ev.kinds(2)) > 3 { // DOWNLOADING, VERIFIED, VERIFIED (in shadow), then the verdict
 				break
 			}
 			if i > 5000 {

@@ -16,9 +16,10 @@ import (
 // of live inputs; its answers are compared with the active one's and
 // never returned to callers.
 //
-// The wire contract has no field for it yet (see agent/README.md for the
-// one proposed); meanwhile Options.Shadow decides it per assignment, from
-// the agent's configuration.
+// A desired state asks for one with SlotAssignment.shadow
+// (ShadowPolicyFrom); Options.Shadow, from the agent's configuration,
+// fills what it leaves unset, and decides alone for assignments without
+// one.
 type ShadowPolicy struct {
 	// MinInferences is how many compared inferences the candidate needs
 	// before it is judged (default 100).
@@ -211,13 +212,16 @@ func argmax(v []float64) int {
 
 // candidate is a version in its shadow phase.
 type candidate struct {
-	l      *loaded
-	assign *pb.SlotAssignment
-	gen    uint64
-	policy ShadowPolicy
-	since  time.Time
+	l     *loaded
+	since time.Time
 
-	mu        sync.Mutex
+	mu sync.Mutex
+	// assign, gen and policy are the terms of the desired state that
+	// last assigned the candidate: a later one may release a held
+	// candidate (retarget). Read them with terms.
+	assign    *pb.SlotAssignment
+	gen       uint64
+	policy    ShadowPolicy
 	active    Ref
 	offered   uint64
 	skipped   uint64
@@ -299,22 +303,44 @@ func (c *candidate) stats() ShadowStats {
 	return s
 }
 
+// terms returns the candidate's policy, and the assignment and generation
+// that set it.
+func (c *candidate) terms() (ShadowPolicy, *pb.SlotAssignment, uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.policy, c.assign, c.gen
+}
+
+// retarget makes assignment a of generation gen, with policy p, the
+// candidate's terms; its figures so far stay. It reports whether anything
+// changed.
+func (c *candidate) retarget(p ShadowPolicy, a *pb.SlotAssignment, gen uint64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.policy == p && c.gen == gen {
+		return false
+	}
+	c.policy, c.assign, c.gen = p, a, gen
+	return true
+}
+
 // judge decides the shadow phase: switch (true, true), refuse (true,
 // false) or wait (false). Figures come with either decision.
 func (c *candidate) judge(now time.Time) (decided, promote bool, why string) {
-	if c.policy.Hold {
+	p, _, _ := c.terms()
+	if p.Hold {
 		return false, false, ""
 	}
 	s := c.stats()
-	over := now.Sub(c.since) >= c.policy.MaxDuration
-	if s.Compared < uint64(c.policy.MinInferences) && !over {
+	over := now.Sub(c.since) >= p.MaxDuration
+	if s.Compared < uint64(p.MinInferences) && !over {
 		return false, false, ""
 	}
 	if s.Compared == 0 {
-		return true, true, fmt.Sprintf("no inferences to compare in %s; switching", c.policy.MaxDuration)
+		return true, true, fmt.Sprintf("no inferences to compare in %s; switching", p.MaxDuration)
 	}
-	if a := s.Agreement(); a < c.policy.MinAgreement {
-		return true, false, fmt.Sprintf("%s < %.3f", s, c.policy.MinAgreement)
+	if a := s.Agreement(); a < p.MinAgreement {
+		return true, false, fmt.Sprintf("%s < %.3f", s, p.MinAgreement)
 	}
-	return true, true, fmt.Sprintf("%s >= %.3f", s, c.policy.MinAgreement)
+	return true, true, fmt.Sprintf("%s >= %.3f", s, p.MinAgreement)
 }

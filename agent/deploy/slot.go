@@ -37,6 +37,9 @@ type slot struct {
 
 	// cand is a version in its shadow phase.
 	cand *candidate
+	// shadowDone holds the figures of the last shadow phase that ended
+	// here (switched, refused or dropped), reported until another starts.
+	shadowDone *ShadowStats
 	// refused is the last version rolled back or refused here.
 	refused *RefusedRecord
 
@@ -202,6 +205,10 @@ func (m *Manager) activate(ctx context.Context, name string, l *loaded, a *pb.Sl
 		if s.previous != nil && s.previous.Digest == l.ref.Digest {
 			s.previous, s.prevRollout, s.prevLoaded = nil, "", nil
 		}
+		if s.cand != nil {
+			st := s.cand.stats()
+			s.shadowDone = &st
+		}
 		s.cand = nil // an activation supersedes any shadow phase
 		s.active, s.since, s.rollout, s.gen = l, now, a.GetRolloutId(), gen
 		s.watch, s.unhealthy = w, ""
@@ -229,11 +236,13 @@ func (m *Manager) activate(ctx context.Context, name string, l *loaded, a *pb.Sl
 // candidate.
 func (m *Manager) startShadow(ctx context.Context, name string, l *loaded, a *pb.SlotAssignment, gen uint64, p ShadowPolicy) error {
 	c := &candidate{l: l, assign: a, gen: gen, policy: p, since: m.o.Now()}
+	var active Ref
 	err := m.mutate(ctx, name, func(s *slot) error {
 		if s.active == nil {
 			return errStale
 		}
 		c.active = s.active.ref
+		active = c.active
 		s.cand = c
 		s.pending = a.GetModel()
 		return nil
@@ -245,6 +254,7 @@ func (m *Manager) startShadow(ctx context.Context, name string, l *loaded, a *pb
 	if err != nil {
 		return err
 	}
+	m.shadowStarted(ctx, name, a, gen, &active, p)
 	m.pokeHealth()
 	return nil
 }
@@ -280,7 +290,8 @@ func (m *Manager) dropStaleCandidates(ctx context.Context, ds *pb.DesiredState) 
 				return errStale
 			}
 			m.log.Info("shadow candidate dropped: no longer desired", "slot", name, "version", s.cand.l.ref.Version)
-			s.cand, s.pending = nil, nil
+			st := s.cand.stats()
+			s.cand, s.pending, s.shadowDone = nil, nil, &st
 			return nil
 		})
 		if err != nil && !errors.Is(err, errStale) {
@@ -325,6 +336,11 @@ func (m *Manager) setPending(name string, ref *pb.ModelRef, lastErr string) {
 		ns = *s
 	}
 	ns.pending, ns.lastErr = ref, lastErr
+	if ref != nil && ns.cand == nil {
+		// A new convergence begins: the last shadow phase's figures are
+		// of another attempt, and must not pass for this one's.
+		ns.shadowDone = nil
+	}
 	m.setSlotLocked(name, &ns)
 	m.mu.Unlock()
 	m.switchMu.Unlock()
@@ -512,6 +528,11 @@ func (m *Manager) Slots() []*pb.SlotState {
 		}
 		if s.previous != nil {
 			ss.Previous = s.previous.proto()
+		}
+		if s.cand != nil {
+			ss.Shadow = s.cand.stats().proto()
+		} else if s.shadowDone != nil {
+			ss.Shadow = s.shadowDone.proto()
 		}
 		out = append(out, ss)
 	}

@@ -29,8 +29,17 @@ const (
 // maxStateFile caps state.json; it holds a few lines per slot.
 const maxStateFile = 1 << 20
 
-// stateVersion is the layout of state.json.
+// stateVersion is the layout of state.json this code writes and reads.
+// A file may come from a newer agent (after a self-update is undone, the
+// previous agent reads what the new one wrote): fields a reader does not
+// know are ignored, and a layout is refused only when its "compat" (the
+// oldest layout that can use it; the layout itself when absent) is above
+// stateVersion. A change that older agents cannot safely ignore raises
+// stateCompat.
 const stateVersion = 1
+
+// stateCompat is the oldest layout that can use a file this code writes.
+const stateCompat = 1
 
 // Ref names one stored bundle: the model in it and its digest.
 type Ref struct {
@@ -105,26 +114,33 @@ type LoadingRecord struct {
 
 // State is the content of state.json.
 type State struct {
-	Version int                    `json:"version"`
+	Version int `json:"version"`
+	// Compat is the oldest layout that can use this file (see stateVersion).
+	Compat  int                    `json:"compat,omitempty"`
 	Slots   map[string]*SlotRecord `json:"slots"`
 	Loading *LoadingRecord         `json:"loading,omitempty"`
 }
 
-// ParseState decodes state.json, refusing unknown layouts and anything
-// that could not have been written by the agent.
+// ParseState decodes state.json, refusing layouts it cannot use and
+// anything that could not have been written by the agent; fields it does
+// not know (a newer agent's) are ignored.
 func ParseState(data []byte) (*State, error) {
 	if len(data) > maxStateFile {
 		return nil, fmt.Errorf("%d bytes, over the %d byte cap", len(data), maxStateFile)
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
 	st := &State{}
 	if err := dec.Decode(st); err != nil {
 		return nil, err
 	}
-	if st.Version != stateVersion {
-		return nil, fmt.Errorf("layout version %d; this agent reads %d", st.Version, stateVersion)
+	compat := st.Compat
+	if compat == 0 {
+		compat = st.Version
 	}
+	if st.Version < 1 || compat > stateVersion {
+		return nil, fmt.Errorf("layout version %d (usable from layout %d); this agent reads up to %d: run a newer agent", st.Version, compat, stateVersion)
+	}
+	st.Version, st.Compat = stateVersion, stateCompat
 	for slot, r := range st.Slots {
 		if r == nil || !slotRE.MatchString(slot) {
 			return nil, fmt.Errorf("slot %q is malformed", slot)

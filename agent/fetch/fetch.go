@@ -47,6 +47,16 @@ type Store struct {
 	// timeout (the caller's context bounds each download).
 	Client *http.Client
 	Logger *slog.Logger
+	// MaxSize caps a download; 0 means bundle.MaxBundleSize. (Agent
+	// releases, stored with the same code, are bigger than bundles.)
+	MaxSize int64
+}
+
+func (s *Store) maxSize() int64 {
+	if s.MaxSize > 0 {
+		return s.MaxSize
+	}
+	return bundle.MaxBundleSize
 }
 
 // Path returns where the verified bundle with this digest is stored.
@@ -75,8 +85,8 @@ func (s *Store) Fetch(ctx context.Context, url, digest string, size int64) (stri
 	if !ValidDigest(digest) {
 		return "", fmt.Errorf("bundle digest %q is not 64 lowercase hex digits; the desired state is malformed", digest)
 	}
-	if size < 0 || size > bundle.MaxBundleSize {
-		return "", fmt.Errorf("bundle %s: size %d is outside 0..%d", digest, size, bundle.MaxBundleSize)
+	if size < 0 || size > s.maxSize() {
+		return "", fmt.Errorf("bundle %s: size %d is outside 0..%d", digest, size, s.maxSize())
 	}
 	if s.Has(digest) {
 		return s.Path(digest), nil
@@ -151,7 +161,7 @@ func (s *Store) download(ctx context.Context, url, part string, size int64) erro
 	}
 	limit := size
 	if limit == 0 {
-		limit = bundle.MaxBundleSize
+		limit = s.maxSize()
 	}
 	if off > limit {
 		// Longer than the bundle can be: a stale part of something else.

@@ -28,6 +28,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -41,7 +42,7 @@ import (
 var ErrOffline = errors.New("not connected to the broker")
 
 // Subscribed lists the topics (kinds) the agent receives.
-var Subscribed = []wire.Kind{wire.KindDesired, wire.KindAck, wire.KindCmd}
+var Subscribed = []wire.Kind{wire.KindDesired, wire.KindAck, wire.KindCmd, wire.KindKeys}
 
 // Options configures a Link. DeviceID and Broker are required.
 type Options struct {
@@ -49,8 +50,8 @@ type Options struct {
 	Broker   string
 	DeviceID string
 	Logger   *slog.Logger
-	// Handle receives every well-formed message on the device's desired,
-	// ack and cmd topics. It runs on the MQTT client's goroutine, in
+	// Handle receives every well-formed message on the device's topics
+	// listed in Subscribed (desired, ack, cmd, keys). It runs on the MQTT client's goroutine, in
 	// arrival order, and must not block: hand the message to a channel.
 	Handle func(kind wire.Kind, env *pb.Envelope)
 	// OnConnect runs after every (re)connect, once presence is published
@@ -90,6 +91,7 @@ type Link struct {
 
 	connects  atomic.Uint64
 	malformed atomic.Uint64
+	oversized atomic.Uint64
 }
 
 // Stats are counters for /metrics.
@@ -99,6 +101,9 @@ type Stats struct {
 	Connects uint64
 	// Malformed counts messages dropped because they failed wire.Open.
 	Malformed uint64
+	// Oversized counts the malformed messages dropped unread for being
+	// over wire.MaxPayload.
+	Oversized uint64
 }
 
 // New checks the options and returns a Link that is not yet connected.
@@ -146,7 +151,7 @@ func (l *Link) Connected() bool { return l.connected.Load() }
 
 // Stats returns the link's counters.
 func (l *Link) Stats() Stats {
-	return Stats{Connected: l.connected.Load(), Connects: l.connects.Load(), Malformed: l.malformed.Load()}
+	return Stats{Connected: l.connected.Load(), Connects: l.connects.Load(), Malformed: l.malformed.Load(), Oversized: l.oversized.Load()}
 }
 
 // Publish seals body for this device and publishes it on the topic of
@@ -348,9 +353,16 @@ func (l *Link) setup(ctx context.Context, client mqtt.Client) error {
 		return fmt.Errorf("subscribe: %w", ctx.Err())
 	}
 	for topic, qos := range t.(*mqtt.SubscribeToken).Result() {
-		if qos == 0x80 {
-			return fmt.Errorf("subscribe %s: the broker refused; check its ACL for device %s", topic, l.o.DeviceID)
+		if qos != 0x80 {
+			continue
 		}
+		if topic == wire.Topic(l.o.DeviceID, wire.KindKeys) {
+			// A broker ACL written before key rotation existed: the agent
+			// works, but learns no rotated key until the ACL allows it.
+			l.log.Warn("the broker refuses the key announcements topic; key rotation cannot reach this agent: add `pattern read ef/v1/dev/%u/keys` to the broker's ACL", "topic", topic)
+			continue
+		}
+		return fmt.Errorf("subscribe %s: the broker refused; check its ACL for device %s", topic, l.o.DeviceID)
 	}
 	return nil
 }
@@ -378,11 +390,14 @@ func (l *Link) onMessage(_ mqtt.Client, m mqtt.Message) {
 	env, err := wire.Open(topic, m.Payload())
 	if err != nil {
 		l.malformed.Add(1)
+		if errors.Is(err, wire.ErrTooLarge) {
+			l.oversized.Add(1)
+		}
 		l.log.Warn("dropped malformed message", "topic", topic, "bytes", len(m.Payload()), "err", err)
 		return
 	}
 	id, kind, _ := wire.ParseTopic(topic)
-	if id != l.o.DeviceID || (kind != wire.KindDesired && kind != wire.KindAck && kind != wire.KindCmd) {
+	if id != l.o.DeviceID || !slices.Contains(Subscribed, kind) {
 		l.malformed.Add(1)
 		l.log.Warn("dropped message on a topic this agent does not read", "topic", topic)
 		return

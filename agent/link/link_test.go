@@ -240,15 +240,21 @@ func TestLinkDeliversAndDropsMalformed(t *testing.T) {
 	ctl.Send("dev-1", wire.KindCmd, &pb.Command{Name: "diagnostics"})
 	ctl.Send("dev-1", wire.KindAck, &pb.TelemetryAck{SpoolEpoch: "e1"})
 	ctl.Send("dev-1", wire.KindDesired, &pb.SignedDesiredState{KeyId: "k"})
-	got := rec.wait(t, 3)
-	if len(got) != 3 || got[0].GetCommand().GetName() != "diagnostics" || got[1].GetAck().GetSpoolEpoch() != "e1" || got[2].GetDesired().GetKeyId() != "k" {
+	ctl.Send("dev-1", wire.KindKeys, &pb.KeyAnnouncements{Announcements: []*pb.SignedKeyAnnouncement{{KeyId: "a"}}})
+	got := rec.wait(t, 4)
+	if len(got) != 4 || got[0].GetCommand().GetName() != "diagnostics" || got[1].GetAck().GetSpoolEpoch() != "e1" || got[2].GetDesired().GetKeyId() != "k" ||
+		got[3].GetKeys().GetAnnouncements()[0].GetKeyId() != "a" {
 		t.Fatalf("handled %v", got)
 	}
-	if rec.kinds[0] != wire.KindCmd || rec.kinds[1] != wire.KindAck || rec.kinds[2] != wire.KindDesired {
+	if rec.kinds[0] != wire.KindCmd || rec.kinds[1] != wire.KindAck || rec.kinds[2] != wire.KindDesired || rec.kinds[3] != wire.KindKeys {
 		t.Fatalf("kinds %v", rec.kinds)
 	}
 	if n := l.Stats().Malformed; n != uint64(len(bad)) {
 		t.Fatalf("malformed = %d, want %d", n, len(bad))
+	}
+	// The oversized payload was dropped unread and counted as such.
+	if n := l.Stats().Oversized; n != 1 {
+		t.Fatalf("oversized = %d, want 1", n)
 	}
 	// Publishing works both ways.
 	if err := l.Publish(t.Context(), wire.KindEvents, &pb.Event{Kind: pb.EventKind_EVENT_KIND_HEALTHY}); err != nil {

@@ -39,7 +39,7 @@ type Queue struct {
 	to      Appender
 	o       QueueOptions
 	ch      chan *pb.TelemetryRecord
-	dropped atomic.Uint64
+	dropped [kindAggregate + 1]atomic.Uint64 // by kind
 }
 
 // NewQueue returns a queue writing to the Appender.
@@ -66,14 +66,26 @@ func (q *Queue) Add(rec *pb.TelemetryRecord) bool {
 	case q.ch <- rec:
 		return true
 	default:
-		q.dropped.Add(1)
+		q.dropped[kindOf(rec)].Add(1)
 		return false
 	}
 }
 
 // Dropped counts the records Add dropped because the queue was full, plus
 // records whose batch could not be written.
-func (q *Queue) Dropped() uint64 { return q.dropped.Load() }
+func (q *Queue) Dropped() uint64 {
+	var n uint64
+	for i := range q.dropped {
+		n += q.dropped[i].Load()
+	}
+	return n
+}
+
+// DroppedByClass splits Dropped by class, with the names of Stats.ByClass.
+func (q *Queue) DroppedByClass() map[string]uint64 {
+	return Stats{DroppedRaw: q.dropped[kindRaw].Load(), DroppedInference: q.dropped[kindInference].Load(),
+		DroppedAggregate: q.dropped[kindAggregate].Load(), DroppedEvent: q.dropped[kindEvent].Load()}.ByClass()
+}
 
 // Run writes queued records until ctx ends, then writes what is still
 // queued (with a short deadline of its own) and returns nil.
@@ -120,7 +132,9 @@ func (q *Queue) flush(ctx context.Context, batch []*pb.TelemetryRecord) {
 	if err := q.to.Append(ctx, batch); err != nil {
 		// The records are lost; count them so the loss shows in the
 		// reported state instead of vanishing.
-		q.dropped.Add(uint64(len(batch)))
+		for _, r := range batch {
+			q.dropped[kindOf(r)].Add(1)
+		}
 		q.o.Logger.Error("spool write failed; records dropped", "records", len(batch), "err", err)
 		return
 	}

@@ -390,6 +390,10 @@ func TestQueueFullDrops(t *testing.T) {
 	if q.Dropped() != 1 {
 		t.Fatalf("dropped = %d, want 1", q.Dropped())
 	}
+	q.Add(agg(4))
+	if by := q.DroppedByClass(); q.Dropped() != 2 || by[ClassInference] != 1 || by[ClassAggregate] != 1 || by[ClassEvent] != 0 {
+		t.Fatalf("dropped %d by class %v, want one inference and one aggregate", q.Dropped(), by)
+	}
 }
 
 func BenchmarkSQLiteAppend(b *testing.B) {

@@ -36,9 +36,10 @@ const maxRecordBody = 64 << 10
 // All methods are safe for concurrent use. Database access goes through one
 // connection, so the in-memory record count stays exact.
 type SQLite struct {
-	path  string
-	max   uint64
-	epoch string
+	path     string
+	max      uint64
+	maxBytes uint64
+	epoch    string
 
 	mu      sync.Mutex // guards db use, depth and dropped
 	db      *sql.DB
@@ -50,20 +51,62 @@ type SQLite struct {
 // when it does not exist. maxRecords bounds the spool; 0 means
 // DefaultMaxRecords.
 func OpenSQLite(ctx context.Context, path string, maxRecords uint64) (*SQLite, error) {
-	if maxRecords == 0 {
-		maxRecords = DefaultMaxRecords
+	return OpenSQLiteOptions(ctx, path, SQLiteOptions{MaxRecords: maxRecords})
+}
+
+// SQLiteOptions bound a SQLite spool.
+type SQLiteOptions struct {
+	// MaxRecords bounds the records held; 0 means DefaultMaxRecords.
+	MaxRecords uint64
+	// MaxBytes bounds the spool file (SQLite's max_page_count). A full
+	// file is met by dropping records by the policy in the package doc and
+	// retrying, so appends go on working. The WAL beside the file is
+	// checkpointed every MaxBytes/4 and cut back to that size, but holds up
+	// to about MaxBytes again during a burst: give the bound at most half
+	// the filesystem's free space. A disk that fills before the bound does
+	// leaves SQLite no room even for the deletes, and appends fail (the
+	// queue counts the lost batches). 0 means no bound but the disk's. At
+	// least MinMaxBytes.
+	MaxBytes uint64
+}
+
+// MinMaxBytes is the smallest SQLiteOptions.MaxBytes: the schema and a
+// few batches must fit.
+const MinMaxBytes = 256 << 10
+
+// pageSize is the spool file's page size (SQLite's default, set
+// explicitly so MaxBytes converts to pages the same way everywhere).
+const pageSize = 4096
+
+// OpenSQLiteOptions is OpenSQLite with every bound.
+func OpenSQLiteOptions(ctx context.Context, path string, o SQLiteOptions) (*SQLite, error) {
+	if o.MaxRecords == 0 {
+		o.MaxRecords = DefaultMaxRecords
+	}
+	if o.MaxBytes != 0 && o.MaxBytes < MinMaxBytes {
+		return nil, fmt.Errorf("open spool %s: a bound of %d bytes is too small; use at least %d", path, o.MaxBytes, MinMaxBytes)
 	}
 	q := url.Values{}
 	q.Add("_pragma", "busy_timeout(5000)")
+	q.Add("_pragma", fmt.Sprintf("page_size(%d)", pageSize))
 	q.Add("_pragma", "journal_mode(WAL)")
 	q.Add("_pragma", "synchronous(NORMAL)")
+	if o.MaxBytes != 0 {
+		// On every connection the pool may open, not just the first.
+		q.Add("_pragma", fmt.Sprintf("max_page_count(%d)", o.MaxBytes/pageSize))
+		// The WAL beside the file is bounded too: checkpointed every
+		// quarter of the bound (SQLite's default is 1000 pages, 4 MB,
+		// more than a small bound) and cut back to that size after.
+		q.Add("_pragma", fmt.Sprintf("wal_autocheckpoint(%d)", max(o.MaxBytes/pageSize/4, 16)))
+		q.Add("_pragma", fmt.Sprintf("journal_size_limit(%d)", o.MaxBytes/4))
+	}
 	dsn := "file:" + (&url.URL{Path: path}).EscapedPath() + "?" + q.Encode()
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, fmt.Errorf("open spool %s: %w", path, err)
 	}
 	db.SetMaxOpenConns(1)
-	s := &SQLite{path: path, max: maxRecords, db: db, dropped: dropCounts{}}
+	s := &SQLite{path: path, max: o.MaxRecords, maxBytes: o.MaxBytes, db: db, dropped: dropCounts{}}
 	if err := s.init(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open spool %s: %w (if the file is damaged, move it aside; the agent starts a new spool)", path, err)
@@ -179,11 +222,39 @@ func (s *SQLite) Append(ctx context.Context, recs []*pb.TelemetryRecord) error {
 	if s.db == nil {
 		return ErrClosed
 	}
+	// A full file (MaxBytes) or disk: make room by the drop policy and try
+	// again, a bigger cut each time, until the batch fits or nothing but
+	// the batch is left to drop.
+	var room uint64
+	for attempt := 0; ; attempt++ {
+		err := s.appendLocked(ctx, recs, bodies, room)
+		if err == nil || !isFull(err) {
+			return err
+		}
+		if room >= s.depth || attempt >= 16 {
+			// The drops were in the failed transaction: nothing was lost
+			// but this batch, which the caller counts.
+			return fmt.Errorf("%w (the batch does not fit even after dropping %d of the %d records held; nothing was dropped); free disk space or raise --spool-max-bytes", err, room, s.depth)
+		}
+		room = max(2*room, uint64(len(recs)), s.depth/32)
+	}
+}
+
+// appendLocked inserts the batch in one transaction, first dropping room
+// records (by the policy) to make space for it.
+func (s *SQLite) appendLocked(ctx context.Context, recs []*pb.TelemetryRecord, bodies [][]byte, room uint64) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("spool append: %w", err)
 	}
 	defer tx.Rollback()
+	now := dropCounts{}
+	var dropped uint64
+	if room > 0 {
+		if dropped, err = s.dropLocked(ctx, tx, room, now); err != nil {
+			return err
+		}
+	}
 	// One prepared statement per batch: preparing per row costs more than
 	// the insert itself. The rows are inserted without the caller's
 	// cancellation: with a cancellable context the driver starts a watcher
@@ -210,35 +281,14 @@ func (s *SQLite) Append(ctx context.Context, recs []*pb.TelemetryRecord) error {
 		}
 		seqs[i] = uint64(seq)
 	}
-	depth := s.depth + uint64(len(recs))
-	var dropped uint64
-	now := dropCounts{}
+	depth := s.depth + uint64(len(recs)) - dropped
 	if depth > s.max {
-		excess := depth - s.max
-		for _, k := range dropOrder {
-			if excess == 0 {
-				break
-			}
-			q := `DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE kind <> 1 AND kind = ? ORDER BY seq LIMIT ?)`
-			if k == kindInference {
-				q = `DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE kind = ? ORDER BY seq LIMIT ?)`
-			}
-			res, err := tx.ExecContext(ctx, q, int(k), int64(excess))
-			if err != nil {
-				return fmt.Errorf("spool append: drop oldest: %w", err)
-			}
-			n, _ := res.RowsAffected()
-			if n == 0 {
-				continue
-			}
-			excess -= uint64(n)
-			dropped += uint64(n)
-			now[k] = uint64(n)
-			if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)`,
-				k.metaKey(), strconv.FormatUint(s.dropped[k]+now[k], 10)); err != nil {
-				return fmt.Errorf("spool append: %w", err)
-			}
+		n, err := s.dropLocked(ctx, tx, depth-s.max, now)
+		if err != nil {
+			return err
 		}
+		dropped += n
+		depth -= n
 	}
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("spool append: %w", err)
@@ -246,11 +296,51 @@ func (s *SQLite) Append(ctx context.Context, recs []*pb.TelemetryRecord) error {
 	for i, r := range recs {
 		r.Seq = seqs[i]
 	}
-	s.depth = depth - dropped
+	s.depth = depth
 	for k, n := range now {
 		s.dropped[k] += n
 	}
 	return nil
+}
+
+// dropLocked deletes up to excess records by the drop policy within tx,
+// adds them to now and stores the new counters (committed with tx).
+func (s *SQLite) dropLocked(ctx context.Context, tx *sql.Tx, excess uint64, now dropCounts) (uint64, error) {
+	var dropped uint64
+	for _, k := range dropOrder {
+		if excess == 0 {
+			break
+		}
+		q := `DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE kind <> 1 AND kind = ? ORDER BY seq LIMIT ?)`
+		if k == kindInference {
+			q = `DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE kind = ? ORDER BY seq LIMIT ?)`
+		}
+		res, err := tx.ExecContext(ctx, q, int(k), int64(excess))
+		if err != nil {
+			return 0, fmt.Errorf("spool append: drop oldest: %w", err)
+		}
+		n, _ := res.RowsAffected()
+		if n == 0 {
+			continue
+		}
+		excess -= uint64(n)
+		dropped += uint64(n)
+		now[k] += uint64(n)
+		if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)`,
+			k.metaKey(), strconv.FormatUint(s.dropped[k]+now[k], 10)); err != nil {
+			return 0, fmt.Errorf("spool append: %w", err)
+		}
+	}
+	return dropped, nil
+}
+
+// sqliteFull is SQLite's result code for a full database or disk.
+const sqliteFull = 13
+
+// isFull reports whether err is SQLite's "database or disk is full".
+func isFull(err error) bool {
+	var se interface{ Code() int }
+	return errors.As(err, &se) && se.Code()&0xff == sqliteFull
 }
 
 // ReadPriority returns up to limit health and rollout events with

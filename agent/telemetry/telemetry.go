@@ -1,5 +1,7 @@
 // Package telemetry sends the agent's spooled records to the controller
-// and deletes them once the controller says it stored them.
+// and deletes them once the controller says it stored them; it also folds
+// inferences into the per-interval aggregates that are spooled
+// (Aggregator, aggregate.go).
 //
 // Delivery is at least once: a batch goes out as a TelemetryBatch; only a
 // TelemetryAck naming its seqs deletes records from the spool. A batch not
@@ -12,6 +14,15 @@
 // At most Window batches wait for their ack at once, which bounds what is
 // in flight after a long outage while keeping the link busy.
 //
+// Batches go out compressed (Envelope.telemetry_zstd, one zstd encoder
+// per sender) when the controller takes them. The agent cannot ask, so it
+// finds out: on each connection it sends compressed batches until the
+// first ack of one proves the controller reads them; if instead a
+// compressed batch's ack times out before any was acknowledged, it sends
+// plain batches (the resend included) for the rest of that connection. A
+// controller that reads both costs nothing; an older one costs one ack
+// timeout per connection.
+//
 // Health and rollout events go first after every (re)connect: the sender
 // sends the spool's events (Spool.ReadPriority) before anything else, and
 // leaves them out of the in-order pass that follows on that connection, so
@@ -21,6 +32,7 @@ package telemetry
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"math"
 	"sync/atomic"
@@ -62,8 +74,48 @@ type Options struct {
 	PublishTimeout time.Duration
 	// Poll is how often the spool is checked without a Poke (default 1s).
 	Poll time.Duration
-	Now  func() time.Time
+	// Compression says whether batches go out compressed (default
+	// CompressAuto).
+	Compression Compression
+	Now         func() time.Time
 }
+
+// Compression is a Sender's use of compressed batches.
+type Compression int
+
+const (
+	// CompressAuto compresses while the controller acknowledges
+	// compressed batches (see the package doc).
+	CompressAuto Compression = iota
+	// CompressOff sends plain batches only.
+	CompressOff
+	// CompressAlways compresses every batch, for a controller known to
+	// read them.
+	CompressAlways
+)
+
+// ParseCompression reads "auto", "off" or "zstd".
+func ParseCompression(s string) (Compression, error) {
+	switch s {
+	case "auto", "":
+		return CompressAuto, nil
+	case "off", "none":
+		return CompressOff, nil
+	case "zstd":
+		return CompressAlways, nil
+	}
+	return CompressAuto, fmt.Errorf("telemetry compression %q: use auto, zstd or off", s)
+}
+
+// zstdState is what a Sender knows on one connection about the
+// controller's reading of compressed batches.
+type zstdState int
+
+const (
+	zstdUnknown zstdState = iota
+	zstdYes
+	zstdNo
+)
 
 // payloadBudget leaves room for the envelope around a batch.
 const payloadBudget = wire.MaxPayload - 4<<10
@@ -74,10 +126,16 @@ const payloadBudget = wire.MaxPayload - 4<<10
 type Sender struct {
 	o     Options
 	log   *slog.Logger
+	enc   *wire.BatchEncoder // nil: plain batches only
+	zstd  zstdState          // owned by Run
 	acks  chan *pb.TelemetryAck
 	conn  chan bool
 	poke  chan struct{}
-	stats struct{ batches, records, resent, acked, badAcks atomic.Uint64 }
+	stats struct {
+		batches, records, resent, acked, badAcks atomic.Uint64
+		compressed, bytes, plainBytes            atomic.Uint64
+		inflight                                 atomic.Int64
+	}
 }
 
 // Stats are the sender's counters for /metrics.
@@ -90,6 +148,16 @@ type Stats struct {
 	Acked uint64
 	// BadAcks counts acks for another spool epoch (ignored).
 	BadAcks uint64
+	// Compressed counts the batches that went out compressed.
+	Compressed uint64
+	// Bytes counts the batch bytes published (compressed where they were);
+	// PlainBytes what the same batches are serialized, uncompressed.
+	Bytes, PlainBytes uint64
+	// InFlight is the number of batches waiting for their ack now, at most
+	// Window.
+	InFlight int
+	// Window is the configured send window.
+	Window int
 }
 
 // New returns a Sender; it sends nothing until Connected is called.
@@ -115,8 +183,20 @@ func New(o Options) *Sender {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &Sender{o: o, log: o.Logger, acks: make(chan *pb.TelemetryAck, 64), conn: make(chan bool, 8), poke: make(chan struct{}, 1)}
+	s := &Sender{o: o, log: o.Logger, acks: make(chan *pb.TelemetryAck, 64), conn: make(chan bool, 8), poke: make(chan struct{}, 1)}
+	if o.Compression != CompressOff {
+		enc, err := wire.SharedBatchEncoder()
+		if err != nil {
+			s.log.Error("telemetry compression unavailable; sending plain batches", "err", err)
+		}
+		s.enc = enc
+	}
+	return s
 }
+
+// Compresses reports whether the sender may send compressed batches (the
+// agent then announces wire.CapabilityTelemetryZstd).
+func (s *Sender) Compresses() bool { return s.enc != nil }
 
 // Connected tells the sender a (new) connection is up: everything not yet
 // acknowledged goes out again. It never blocks.
@@ -163,7 +243,8 @@ func (s *Sender) Ack(a *pb.TelemetryAck) {
 // Stats returns the sender's counters.
 func (s *Sender) Stats() Stats {
 	return Stats{Batches: s.stats.batches.Load(), Records: s.stats.records.Load(), Resent: s.stats.resent.Load(),
-		Acked: s.stats.acked.Load(), BadAcks: s.stats.badAcks.Load()}
+		Acked: s.stats.acked.Load(), BadAcks: s.stats.badAcks.Load(), Compressed: s.stats.compressed.Load(),
+		Bytes: s.stats.bytes.Load(), PlainBytes: s.stats.plainBytes.Load(), InFlight: int(s.stats.inflight.Load()), Window: s.o.Window}
 }
 
 // inflight is a batch waiting for its ack.
@@ -174,6 +255,8 @@ type inflight struct {
 	sentAt  time.Time
 	// prio marks a batch of events only: it is resent from ReadPriority.
 	prio bool
+	// compressed marks a batch sent as telemetry_zstd.
+	compressed bool
 }
 
 // Run sends until ctx ends, then returns nil.
@@ -190,12 +273,15 @@ func (s *Sender) Run(ctx context.Context) error {
 	)
 	tick := time.NewTicker(min(s.o.Poll, s.o.AckTimeout/2))
 	defer tick.Stop()
+	defer s.stats.inflight.Store(0)
 	for {
+		s.stats.inflight.Store(int64(len(flight)))
 		select {
 		case <-ctx.Done():
 			return nil
 		case up := <-s.conn:
 			online = up
+			s.zstd = zstdUnknown // a new connection may reach another controller
 			cursor, flight = 0, nil
 			prioCursor, prioDone, prioSent = 0, false, map[uint64]bool{}
 		case a := <-s.acks:
@@ -213,6 +299,10 @@ func (s *Sender) Run(ctx context.Context) error {
 		var expired []*inflight
 		for _, f := range flight {
 			if now.Sub(f.sentAt) >= s.o.AckTimeout {
+				if f.compressed && s.zstd == zstdUnknown && s.o.Compression == CompressAuto {
+					s.zstd = zstdNo
+					s.log.Warn("the controller acknowledged no compressed telemetry batch; sending plain batches on this connection")
+				}
 				expired = append(expired, f)
 			} else {
 				keep = append(keep, f)
@@ -305,14 +395,33 @@ func (s *Sender) send(ctx context.Context, from, to uint64, prio bool, skip map[
 	for len(batch.Records) > 1 && proto.Size(batch) > payloadBudget {
 		batch.Records = batch.Records[:len(batch.Records)/2]
 	}
+	var body proto.Message = batch
+	plain := proto.Size(batch)
+	size := plain
+	compressed := s.enc != nil && s.zstd != zstdNo
+	if compressed {
+		z, err := s.enc.Compress(batch)
+		if err != nil {
+			// Cannot happen for a batch under the budget; send it plain.
+			s.log.Error("cannot compress a telemetry batch; sending it plain", "err", err)
+			compressed = false
+		} else {
+			body, size = &pb.Envelope{Body: &pb.Envelope_TelemetryZstd{TelemetryZstd: z}}, len(z)
+		}
+	}
 	pctx, cancel := context.WithTimeout(ctx, s.o.PublishTimeout)
 	defer cancel()
-	if err := s.o.Publisher.Publish(pctx, wire.KindTelemetry, batch); err != nil {
+	if err := s.o.Publisher.Publish(pctx, wire.KindTelemetry, body); err != nil {
 		s.log.Debug("telemetry batch not sent", "err", err)
 		return nil, err
 	}
 	f := &inflight{first: batch.Records[0].GetSeq(), last: batch.Records[len(batch.Records)-1].GetSeq(),
-		pending: make(map[uint64]bool, len(batch.Records)), sentAt: s.o.Now(), prio: prio}
+		pending: make(map[uint64]bool, len(batch.Records)), sentAt: s.o.Now(), prio: prio, compressed: compressed}
+	if compressed {
+		s.stats.compressed.Add(1)
+	}
+	s.stats.bytes.Add(uint64(size))
+	s.stats.plainBytes.Add(uint64(plain))
 	for _, r := range batch.Records {
 		f.pending[r.GetSeq()] = true
 	}
@@ -350,6 +459,10 @@ func (s *Sender) handleAck(ctx context.Context, a *pb.TelemetryAck, flight []*in
 			for _, r := range ranges {
 				if seq >= r.GetFirst() && seq <= r.GetLast() {
 					delete(f.pending, seq)
+					if f.compressed && s.zstd == zstdUnknown {
+						s.zstd = zstdYes
+						s.log.Debug("the controller reads compressed telemetry batches")
+					}
 					break
 				}
 			}

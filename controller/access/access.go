@@ -100,8 +100,8 @@ func ValidateName(name string) error {
 // Required returns the least role a request needs; None means the
 // endpoint is public. The policy goes by method and path, before routing,
 // so an endpoint added later is covered without saying so: a read needs a
-// viewer, any other method an operator, and everything about tokens and
-// keys an admin.
+// viewer, any other method an operator, and everything about tokens, and
+// every change to keys, an admin.
 //
 // Public: the health check, Prometheus metrics (scrapers rarely carry
 // tokens; the API binds to loopback by default), and artifact downloads,
@@ -113,6 +113,10 @@ func Required(method, p string) Role {
 	switch {
 	case read && (p == "/healthz" || p == "/metrics" || strings.HasPrefix(p, "/v1/artifacts/")):
 		return None
+	case read && under(p, "/v1/keys"):
+		// Public keys and announcements are not secrets; reading them
+		// lets anyone check what agents should trust.
+		return Viewer
 	case under(p, "/v1/tokens"), under(p, "/v1/keys"):
 		return Admin
 	case read:

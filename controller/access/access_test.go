@@ -39,7 +39,9 @@ func TestRequired(t *testing.T) {
 		{"POST", "/v1/tokens", Admin},
 		{"DELETE", "/v1/tokens/ci", Admin},
 		{"POST", "/v1/keys/rotate", Admin},
-		{"GET", "/v1/keys", Admin},
+		{"GET", "/v1/keys", Viewer},
+		{"POST", "/v1/keys/director/rotate", Admin},
+		{"POST", "/v1/keys/announcements", Admin},
 		// Unclean paths are judged as the router will see them.
 		{"POST", "/v1//tokens", Admin},
 		{"POST", "/v1/models/../tokens", Admin},
@@ -147,8 +149,8 @@ func TestBootstrap(t *testing.T) {
 }
 
 // FuzzRequired checks the policy's invariants on any method and path: only
-// reads can be public, and nothing under /v1/tokens or /v1/keys is below
-// admin.
+// reads can be public, nothing under /v1/tokens is below admin, and no
+// change under /v1/keys is below admin (reading public keys needs a viewer).
 func FuzzRequired(f *testing.F) {
 	for _, p := range []string{"/v1/tokens", "/v1//tokens/x", "/v1/artifacts/../tokens", "/healthz", "/v1/devices", "", "//", "/v1/keys/../keys"} {
 		f.Add("GET", p)
@@ -160,8 +162,12 @@ func FuzzRequired(f *testing.F) {
 			t.Fatalf("Required(%q, %q) = none for a method that may change something", method, p)
 		}
 		clean := path.Clean("/" + p)
-		if (under(clean, "/v1/tokens") || under(clean, "/v1/keys")) && got != Admin {
+		read := method == http.MethodGet || method == http.MethodHead
+		if (under(clean, "/v1/tokens") || (under(clean, "/v1/keys") && !read)) && got != Admin {
 			t.Fatalf("Required(%q, %q) = %s under an admin-only prefix", method, p, got)
+		}
+		if under(clean, "/v1/keys") && read && got != Viewer {
+			t.Fatalf("Required(%q, %q) = %s, want viewer", method, p, got)
 		}
 	})
 }

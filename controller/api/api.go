@@ -11,6 +11,8 @@
 //	GET  /v1/devices?selector=SEL  DeviceList, sorted by id
 //	GET  /v1/devices/{id}          Device, 404 if unknown
 //	POST /v1/assignments           AssignmentRequest -> AssignmentResponse
+//	GET  /v1/telemetry             TelemetrySummary (telemetry.go): counts, errors, latency, drift
+//	GET  /v1/devices/{id}/telemetry TelemetrySummary of one device
 //
 //	POST /v1/rollouts              rollout specification (rollout.Spec, JSON) -> 201 Rollout; 400 bad spec,
 //	                               404 unknown model, 409 name taken or another rollout manages the slot
@@ -25,6 +27,10 @@
 //	GET    /v1/tokens              TokenList (no secrets)
 //	DELETE /v1/tokens/{name}       revoke; 409 for the last valid admin token
 //	GET    /v1/audit?limit=N&before=ID&who=NAME  AuditList, newest first
+//
+//	GET  /v1/keys                    KeyList: director key in use, every key announcement (viewer)
+//	POST /v1/keys/director/rotate    RotateRequest -> KeyAnnouncement: new director key, announced to agents
+//	POST /v1/keys/announcements      body: a SignedKeyAnnouncement (`fleet keys rotate-release`) -> 201 KeyAnnouncement; 409 out of sequence
 //
 // Every endpoint but /healthz, /metrics and artifact downloads needs an
 // "Authorization: Bearer <token>" header whose token has the role
@@ -49,6 +55,7 @@ import (
 	"github.com/edgefleet/edgefleet/controller/registry"
 	"github.com/edgefleet/edgefleet/controller/selector"
 	"github.com/edgefleet/edgefleet/controller/store"
+	"github.com/edgefleet/edgefleet/controller/telemetry"
 	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/proto/wire"
 )
@@ -80,11 +87,19 @@ type Options struct {
 	Devices  Devices
 	Registry Registry
 	Assigner Assigner
+	// Releases serves the agent release endpoints (releases.go); nil
+	// answers 404 there.
+	Releases Releases
+	// Telemetry serves /v1/telemetry and /v1/devices/{id}/telemetry
+	// (telemetry.go); nil answers 404 there.
+	Telemetry telemetry.Reader
 	// Rollouts serves /v1/rollouts; nil answers 404 there.
 	Rollouts Rollouts
 	// Tokens authenticates callers and serves /v1/tokens; nil refuses
 	// every request that needs a token.
 	Tokens Tokens
+	// Keys serves /v1/keys (keys.go); nil answers 404 there.
+	Keys Keys
 	// Audit records every change and serves /v1/audit.
 	Audit AuditLog
 	// Metrics serves GET /metrics; nil answers 404.
@@ -120,6 +135,8 @@ func New(opts Options) http.Handler {
 	mux.HandleFunc("GET /v1/devices", s.listDevices)
 	mux.HandleFunc("GET /v1/devices/{id}", s.device)
 	mux.HandleFunc("POST /v1/assignments", s.assign)
+	s.routeReleases(mux)
+	s.routeTelemetry(mux)
 	if opts.Rollouts != nil {
 		mux.HandleFunc("POST /v1/rollouts", s.createRollout)
 		mux.HandleFunc("GET /v1/rollouts", s.listRollouts)
@@ -133,6 +150,7 @@ func New(opts Options) http.Handler {
 		mux.HandleFunc("GET /v1/tokens", s.listTokens)
 		mux.HandleFunc("DELETE /v1/tokens/{name}", s.revokeToken)
 	}
+	s.routeKeys(mux)
 	if opts.Audit != nil {
 		mux.HandleFunc("GET /v1/audit", s.listAudit)
 	}

@@ -79,6 +79,19 @@ type Device struct {
 	Inferences         int64             `json:"inferences"`
 	InferenceErrors    int64             `json:"inferenceErrors"`
 	LastEvents         []Event           `json:"lastEvents"`
+	// AgentUpdate is where the agent's self-update stands; absent from
+	// agents without self-update.
+	AgentUpdate *AgentUpdate `json:"agentUpdate,omitempty"`
+}
+
+// AgentUpdate is a device's report of its agent self-update.
+type AgentUpdate struct {
+	Running   string `json:"running"`
+	Healthy   bool   `json:"healthy"`
+	Pending   string `json:"pending"`
+	Previous  string `json:"previous"`
+	LastError string `json:"lastError"`
+	RolloutID string `json:"rolloutId"`
 }
 
 // DeviceList is the body of GET /v1/devices.
@@ -193,6 +206,10 @@ func deviceJSON(d store.Device) (Device, error) {
 	var st pb.ReportedState
 	if err := proto.Unmarshal(d.State, &st); err != nil {
 		return out, err
+	}
+	if u := st.GetAgentUpdate(); u != nil {
+		out.AgentUpdate = &AgentUpdate{Running: u.GetRunning(), Healthy: u.GetHealthy(), Pending: u.GetPending(),
+			Previous: u.GetPrevious(), LastError: u.GetLastError(), RolloutID: u.GetRolloutId()}
 	}
 	for _, s := range st.GetSlots() {
 		slot := Slot{

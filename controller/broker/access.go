@@ -34,6 +34,7 @@ var (
 	}
 	deviceReads = map[wire.Kind]bool{
 		wire.KindDesired: true, wire.KindAck: true, wire.KindCmd: true,
+		wire.KindKeys: true,
 	}
 )
 

@@ -37,6 +37,9 @@ func TestAllowed(t *testing.T) {
 		// Wrong direction on its own tree.
 		{"dev-a", "ef/v1/dev/dev-a/desired", true, false},
 		{"dev-a", "ef/v1/dev/dev-a/cmd", true, false},
+		{"dev-a", "ef/v1/dev/dev-a/keys", false, true},
+		{"dev-a", "ef/v1/dev/dev-a/keys", true, false},
+		{"dev-a", "ef/v1/dev/dev-b/keys", false, false},
 		{"dev-a", "ef/v1/dev/dev-a/telemetry", false, false},
 		// Another device's tree.
 		{"dev-a", "ef/v1/dev/dev-b/telemetry", true, false},

@@ -35,6 +35,7 @@ import (
 	"github.com/edgefleet/edgefleet/controller/metrics"
 	"github.com/edgefleet/edgefleet/controller/store"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
+	"github.com/edgefleet/edgefleet/proto/release"
 	"github.com/edgefleet/edgefleet/proto/trust"
 	"github.com/edgefleet/edgefleet/proto/wire"
 	"google.golang.org/protobuf/proto"
@@ -94,6 +95,9 @@ type Director struct {
 	// one step per director, so documents reach the broker in generation
 	// order and an older one can never end up as the retained message.
 	pubMu sync.Mutex
+	// keys is the key in use after a rotation and the announcement
+	// chain (keys.go).
+	keys keyring
 
 	published *metrics.Counter
 	failed    *metrics.Counter
@@ -273,6 +277,13 @@ func (d *Director) build(ds *store.Desired) error {
 		want.ExpiresAtUnixMs = ds.IssuedAt.Add(d.opts.Expiry).UnixMilli()
 	}
 	for _, s := range ds.Slots {
+		if s.Slot == release.Slot {
+			// An agent release, rolled out as a model in a pseudo slot
+			// (controller/rollout/agent.go).
+			want.AgentRelease = &pb.AgentRelease{Version: s.Version, Url: d.opts.ArtifactBaseURL + release.BasePath(s.Version),
+				RolloutId: s.RolloutID, Rollback: s.Rollback}
+			continue
+		}
 		a := &pb.SlotAssignment{
 			Slot:      s.Slot,
 			Model:     &pb.ModelRef{Name: s.Model, Version: s.Version, BundleSha256: s.Digest},
@@ -283,6 +294,9 @@ func (d *Director) build(ds *store.Desired) error {
 		}
 		if h := s.Health; h != nil {
 			a.Health = &pb.HealthPolicy{WatchMs: h.WatchMS, MaxErrorRate: h.MaxErrorRate, MaxLatencyP99Ms: h.MaxLatencyP99MS, MinInferences: h.MinInferences}
+			if sp := h.Shadow; sp != nil {
+				a.Shadow = &pb.ShadowPolicy{MinInferences: sp.MinInferences, MaxMs: sp.MaxMS, MinAgreement: sp.MinAgreement, Tolerance: sp.Tolerance, Hold: sp.Hold}
+			}
 		}
 		want.Slots = append(want.Slots, a)
 	}
@@ -293,8 +307,8 @@ func (d *Director) build(ds *store.Desired) error {
 		return err
 	}
 	signed := &pb.SignedDesiredState{Desired: inner}
-	if d.opts.Key != nil {
-		sig := trust.Sign(d.opts.Key, trust.DomainDesiredState, inner)
+	if key := d.signingKey(); key != nil {
+		sig := trust.Sign(key, trust.DomainDesiredState, inner)
 		signed.Signature, signed.KeyId = sig.Sig, sig.KeyID
 	}
 	doc, err := proto.Marshal(signed)

@@ -28,6 +28,9 @@ const (
 func LoadOrCreateKey(dataDir string) (priv ed25519.PrivateKey, created bool, err error) {
 	dir := filepath.Join(dataDir, KeysDir)
 	privPath, pubPath := filepath.Join(dir, PrivateKeyFile), filepath.Join(dir, PublicKeyFile)
+	if err := recoverRotation(dir); err != nil {
+		return nil, false, err
+	}
 	priv, err = trust.ReadPrivateKey(privPath)
 	switch {
 	case err == nil:

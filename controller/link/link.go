@@ -49,6 +49,12 @@ type Message struct {
 	DeviceID string
 	Kind     wire.Kind
 	Envelope *pb.Envelope
+	// Payload is the envelope as received.
+	Payload []byte
+	// Batch, with Options.LazyTelemetry, is a plain telemetry message's
+	// TelemetryBatch still serialized (Envelope has only the header); a
+	// compressed one is in Envelope.telemetry_zstd as always.
+	Batch []byte
 	// Retained is set when the broker replayed a retained message on
 	// subscribe, rather than forwarding a fresh publish.
 	Retained bool
@@ -96,6 +102,9 @@ type Options struct {
 	// controller's client certificate and the CA of the broker's
 	// certificate (see ClientTLS).
 	TLS *tls.Config
+	// LazyTelemetry leaves telemetry batches undecoded (see Message.Batch
+	// and openTelemetry): the telemetry ingest decodes them faster.
+	LazyTelemetry bool
 	// Username and Password are sent in CONNECT when Username is set: the
 	// embedded broker's internal listener admits the controller's link
 	// with them (broker.Broker.InternalCredentials).
@@ -120,6 +129,7 @@ type Link struct {
 
 	received  *metrics.CounterVec
 	malformed *metrics.CounterVec
+	oversized *metrics.CounterVec
 	published *metrics.CounterVec
 	pubFailed *metrics.CounterVec
 }
@@ -187,6 +197,7 @@ func New(opts Options) (*Link, error) {
 		ready:     make(chan struct{}),
 		received:  opts.Metrics.CounterVec("edgefleet_controller_mqtt_messages_received_total", "Well-formed MQTT messages received from devices, by kind.", "kind"),
 		malformed: opts.Metrics.CounterVec("edgefleet_controller_mqtt_messages_malformed_total", "MQTT messages dropped because they failed wire.Open (bad protobuf, oversize, wrong device or kind), by topic kind.", "kind"),
+		oversized: opts.Metrics.CounterVec("edgefleet_controller_mqtt_messages_oversized_total", "MQTT messages dropped unread for being over wire.MaxPayload (counted in malformed too), by topic kind.", "kind"),
 		published: opts.Metrics.CounterVec("edgefleet_controller_mqtt_messages_published_total", "MQTT messages the broker acknowledged, by kind.", "kind"),
 		pubFailed: opts.Metrics.CounterVec("edgefleet_controller_mqtt_publish_failures_total", "MQTT publishes that failed or were not acknowledged in time, by kind.", "kind"),
 	}
@@ -333,7 +344,14 @@ func (l *Link) dispatch(ctx context.Context, in inbound) {
 		// A cleared retained topic: nothing to handle.
 		return
 	}
-	env, err := wire.Open(in.topic, in.payload)
+	var env *pb.Envelope
+	var batch []byte
+	var err error
+	if _, k, _ := wire.ParseTopic(in.topic); l.opts.LazyTelemetry && k == wire.KindTelemetry {
+		env, batch, err = openTelemetry(in.topic, in.payload)
+	} else {
+		env, err = wire.Open(in.topic, in.payload)
+	}
 	if err != nil {
 		id, kind, _ := wire.ParseTopic(in.topic)
 		label := string(kind)
@@ -341,12 +359,15 @@ func (l *Link) dispatch(ctx context.Context, in inbound) {
 			label = "unknown"
 		}
 		l.malformed.With(label).Inc()
+		if errors.Is(err, wire.ErrTooLarge) {
+			l.oversized.With(label).Inc()
+		}
 		l.log.Warn("dropped malformed mqtt message", "device", id, "topic", in.topic, "bytes", len(in.payload), "err", err)
 		return
 	}
 	id, kind, _ := wire.ParseTopic(in.topic) // Open checked the topic
 	l.received.With(string(kind)).Inc()
-	m := Message{Topic: in.topic, DeviceID: id, Kind: kind, Envelope: env, Retained: in.retained, Received: in.at}
+	m := Message{Topic: in.topic, DeviceID: id, Kind: kind, Envelope: env, Payload: in.payload, Batch: batch, Retained: in.retained, Received: in.at}
 	if err := l.opts.Handler.HandleMessage(ctx, m); err != nil && ctx.Err() == nil {
 		l.log.Error("handle mqtt message", "device", id, "topic", in.topic, "err", err)
 	}

@@ -110,6 +110,9 @@ func TestDispatch(t *testing.T) {
 	})
 
 	dev.SendRaw(wire.Topic("d1", wire.KindHello), []byte("garbage"), false)
+	// Over the payload cap (the broker's packet cap is higher): dropped
+	// unread, and counted.
+	dev.SendRaw(wire.Topic("d1", wire.KindTelemetry), make([]byte, wire.MaxPayload+1), false)
 	dev.Send(wire.KindHello, &pb.Hello{AgentVersion: "1"})
 	dev.Send(wire.KindTelemetry, &pb.TelemetryBatch{SpoolEpoch: "e"})
 	// Not subscribed: the controller's own downlink topics.
@@ -137,6 +140,8 @@ func TestDispatch(t *testing.T) {
 	}
 	for _, want := range []string{
 		`edgefleet_controller_mqtt_messages_malformed_total{kind="hello"} 1`,
+		`edgefleet_controller_mqtt_messages_malformed_total{kind="telemetry"} 1`,
+		`edgefleet_controller_mqtt_messages_oversized_total{kind="telemetry"} 1`,
 		`edgefleet_controller_mqtt_messages_received_total{kind="hello"} 1`,
 		`edgefleet_controller_mqtt_messages_received_total{kind="telemetry"} 1`,
 		"edgefleet_controller_mqtt_connected 1",

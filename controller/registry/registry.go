@@ -16,6 +16,7 @@ import (
 
 	"github.com/edgefleet/edgefleet/controller/store"
 	"github.com/edgefleet/edgefleet/models/bundle"
+	"github.com/edgefleet/edgefleet/proto/release"
 )
 
 // ErrBadDigest is wrapped when an artifact is asked for by something that
@@ -124,7 +125,18 @@ func (r *Registry) Model(ctx context.Context, name, version string) (store.Model
 	return r.store.Model(ctx, name, version)
 }
 
-// Models lists every stored model.
+// Models lists every stored model. The rows that stand for agent
+// releases (release.Model) are left out: Releases lists those.
 func (r *Registry) Models(ctx context.Context) ([]store.Model, error) {
-	return r.store.Models(ctx)
+	ms, err := r.store.Models(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := ms[:0]
+	for _, m := range ms {
+		if m.Name != release.Model {
+			out = append(out, m)
+		}
+	}
+	return out, nil
 }

@@ -64,6 +64,9 @@ func (e *Engine) prepare(ctx context.Context, spec Spec) (*prepared, error) {
 	}
 	name, version := spec.ModelRef()
 	m, err := e.o.Store.Model(ctx, name, version)
+	if errors.Is(err, store.ErrNotFound) && spec.Agent != "" {
+		return nil, fmt.Errorf("agent release %s is not stored; push it first (fleet agent release push): %w", version, ErrNotFound)
+	}
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, fmt.Errorf("model %s@%s is not stored; push its bundle first (fleet model push): %w", name, version, ErrNotFound)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/edgefleet/edgefleet/controller/selector"
 	"github.com/edgefleet/edgefleet/controller/store"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
+	"github.com/edgefleet/edgefleet/proto/release"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -45,6 +46,8 @@ type run struct {
 type wave struct {
 	rec   store.RolloutWave
 	state WaveState
+	// shadow caches what rec.Verdicts say of the shadow gate (shadow.go).
+	shadow shadowMemo
 }
 
 type dev struct {
@@ -251,6 +254,8 @@ type slotObs struct {
 	healthy         bool
 	since           time.Time
 	lastError       string
+	// shadow is the shadow phase under way or last finished (shadow.go).
+	shadow *pb.ShadowState
 }
 
 func observe(b store.DeviceBrief, prev *observation, now time.Time) *observation {
@@ -271,7 +276,7 @@ func observe(b store.DeviceBrief, prev *observation, now time.Time) *observation
 	o.known = true
 	o.gen = st.GetDesiredGeneration()
 	for _, s := range st.GetSlots() {
-		so := slotObs{active: s.GetActive(), pending: s.GetPending(), healthy: s.GetHealthy(), lastError: s.GetLastError()}
+		so := slotObs{active: s.GetActive(), pending: s.GetPending(), healthy: s.GetHealthy(), lastError: s.GetLastError(), shadow: s.GetShadow()}
 		if so.active != nil && so.active.GetBundleSha256() == "" && so.active.GetName() == "" {
 			so.active = nil
 		}
@@ -282,6 +287,9 @@ func observe(b store.DeviceBrief, prev *observation, now time.Time) *observation
 			so.since = time.UnixMilli(ms)
 		}
 		o.slots[s.GetSlot()] = so
+	}
+	if so, ok := agentSlot(&st); ok {
+		o.slots[release.Slot] = so
 	}
 	return o
 }
@@ -519,6 +527,9 @@ func (e *Engine) timers(r *run, now time.Time) {
 		if d.step == StepPending || d.step.Terminal() || d.rec.Deadline.IsZero() || now.Before(d.rec.Deadline) {
 			continue
 		}
+		if e.shadowWaits(r, d) {
+			continue // its wave's shadow gate decides (shadowWave)
+		}
 		e.deadlinePassed(r, d, now)
 	}
 }
@@ -579,7 +590,7 @@ func (e *Engine) runWaves(ctx context.Context, r *run, now time.Time) {
 			e.log.Error("prepare notifications", "rollout", r.ro.ID, "wave", i, "err", err)
 			return
 		}
-		if e.midGates(ctx, r, now) {
+		if e.midGates(ctx, r, now) || e.shadowWave(ctx, r, i, now) {
 			return
 		}
 		for _, d := range r.byWave[i] {
@@ -822,6 +833,7 @@ func (r *run) health(i int) *store.HealthPolicy {
 		p.MaxLatencyP99MS = uint32(min(h.MaxLatencyP99.D().Milliseconds(), 1<<32-1))
 		p.MinInferences = uint32(h.MinInferences)
 	}
+	p.Shadow = r.shadowPolicy(i)
 	return p
 }
 

@@ -27,9 +27,11 @@
 // Gates (gate.go) are hooks: a Gate interface, a GateBase to embed, and
 // GateFactory by type name. The built-in errorRate and latency gates read
 // the stored inference records of the wave's devices and of the previous
-// version; shadowAgreement and drift wait for a ShadowSource and a
-// DriftSource. A failing gate stops the rollout at once; gates that cannot
-// decide at the end of a wave pause it until an operator resumes.
+// version; shadowAgreement and drift read a ShadowSource and a
+// DriftSource. A wave gated on shadowAgreement runs in shadow first and
+// switches its devices only once the gate passes (shadow.go). A failing
+// gate stops the rollout at once; gates that cannot decide at the end of
+// a wave pause it until an operator resumes.
 //
 // # One decider, persistence before action
 //

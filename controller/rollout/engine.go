@@ -58,7 +58,9 @@ type Options struct {
 	// Gates adds gate types, or replaces built-in ones, by name.
 	Gates map[string]GateFactory
 	// Shadow and Drift feed the built-in shadowAgreement and drift gates;
-	// without them those gates are inconclusive.
+	// without Drift that gate is inconclusive, without Shadow the
+	// shadowAgreement gate reads the shadow figures the devices report
+	// (shadow.go).
 	Shadow ShadowSource
 	Drift  DriftSource
 	// GateInterval is how often gates are checked while a wave soaks
@@ -149,7 +151,7 @@ func New(o Options) (*Engine, error) {
 		e.gates[name] = f
 	}
 	e.gates[GateShadowAgreement] = func(s GateSpec) (Gate, error) {
-		return &ShadowAgreementGate{Min: s.Min, MinInferences: s.MinInferences, Source: o.Shadow}, nil
+		return &ShadowAgreementGate{Min: s.Min, MinInferences: s.MinInferences, Source: e.shadowSource()}, nil
 	}
 	e.gates[GateDrift] = func(s GateSpec) (Gate, error) {
 		return &DriftGate{Max: s.Max, MinInferences: s.MinInferences, Source: o.Drift}, nil

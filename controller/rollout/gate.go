@@ -341,8 +341,8 @@ func (g *LatencyGate) judge(in *GateInput, s, b Samples) Verdict {
 }
 
 // ShadowSource reports how often a new version's outputs agreed with the
-// current model's when run side by side on the same inputs. The runtime
-// work fills it in.
+// current model's when run side by side on the same inputs. The engine's
+// own reads the figures the wave's devices report (shadow.go).
 type ShadowSource interface {
 	ShadowAgreement(ctx context.Context, in *GateInput) (agreed, compared int, err error)
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/edgefleet/edgefleet/controller/selector"
+	"github.com/edgefleet/edgefleet/proto/release"
 )
 
 // MaxSpecSize caps a rollout specification; a real one is a few hundred
@@ -40,6 +41,8 @@ const (
 //	selector: region=eu,hw in (jetson,rpi5),!lab
 //	model: grid-anomaly@1.1.0
 //	slot: default
+//	# or, instead of model and slot, an agent release (fleet agent release push):
+//	# agent: 1.2.0
 //	strategy:
 //	  waves: [1%, 10%, {size: 50%, approval: true}, 100%]
 //	  stratifyBy: site
@@ -56,10 +59,15 @@ const (
 // Normalize fills in the defaults; the stored and displayed specification
 // is the normalized one, so what a rollout does can be read off it.
 type Spec struct {
-	Name     string   `json:"name,omitempty"`
-	Selector string   `json:"selector"`
-	Model    string   `json:"model"`
-	Slot     string   `json:"slot,omitempty"`
+	Name     string `json:"name,omitempty"`
+	Selector string `json:"selector"`
+	Model    string `json:"model,omitempty"`
+	Slot     string `json:"slot,omitempty"`
+	// Agent names an agent release version instead of a model: the agent
+	// binary is updated with the same waves, gates, budget and controls.
+	// The engine handles it as model release.Model in the pseudo slot
+	// release.Slot (see agent.go).
+	Agent    string   `json:"agent,omitempty"`
 	Strategy Strategy `json:"strategy"`
 }
 
@@ -134,8 +142,10 @@ func (w *WaveSpec) UnmarshalJSON(b []byte) error {
 //
 //	errorRate        max (fraction of inferences that fail or time out), minInferences
 //	latency          maxP95Ratio and/or maxP99Ratio (new / previous version), minInferences
-//	shadowAgreement  min (fraction of agreeing outputs), minInferences
-//	drift            max (drift score), minInferences
+//	shadowAgreement  min (fraction of agreeing outputs), minInferences (comparisons summed over the
+//	                 wave), tolerance (how far apart two non-class scores may be and agree, relative;
+//	                 the agent's default 0.05): the wave runs in shadow first (shadow.go)
+//	drift            max or maxDriftPSI (PSI of the outputs against the manifest's reference), minInferences
 type GateSpec struct {
 	Type          string  `json:"type"`
 	Max           float64 `json:"max,omitempty"`
@@ -143,6 +153,10 @@ type GateSpec struct {
 	MaxP95Ratio   float64 `json:"maxP95Ratio,omitempty"`
 	MaxP99Ratio   float64 `json:"maxP99Ratio,omitempty"`
 	MinInferences int     `json:"minInferences,omitempty"`
+	// Tolerance is the shadowAgreement gate's score tolerance (relative).
+	Tolerance float64 `json:"tolerance,omitempty"`
+	// MaxDriftPSI is the drift gate's max by its other name.
+	MaxDriftPSI float64 `json:"maxDriftPSI,omitempty"`
 }
 
 // HealthSpec bounds a new version on the device during its soak (sent to
@@ -314,6 +328,9 @@ func ParseSpecKnown(data []byte, knownGate func(string) bool) (Spec, error) {
 
 // ModelRef splits Model into name and version.
 func (s *Spec) ModelRef() (name, version string) {
+	if s.Agent != "" {
+		return release.Model, s.Agent
+	}
 	name, version, _ = strings.Cut(s.Model, "@")
 	return name, version
 }
@@ -334,15 +351,8 @@ func (s *Spec) Normalize(knownGate func(string) bool) error {
 	if _, err := selector.Parse(s.Selector); err != nil {
 		return bad("selector: %v", err)
 	}
-	name, version, ok := strings.Cut(s.Model, "@")
-	if !ok || name == "" || version == "" || strings.Contains(version, "@") {
-		return bad("model %q: write it as NAME@VERSION, e.g. grid-anomaly@1.1.0", s.Model)
-	}
-	if s.Slot == "" {
-		s.Slot = DefaultSlot
-	}
-	if !slotRE.MatchString(s.Slot) {
-		return bad("slot %q: use 1-63 lowercase letters, digits, '.', '_' or '-'", s.Slot)
+	if err := s.normalizeTarget(); err != nil {
+		return err
 	}
 	st := &s.Strategy
 	if len(st.Waves) == 0 {
@@ -451,7 +461,13 @@ func normalizeGates(field string, gates []GateSpec, known func(string) bool) err
 			if g.Min <= 0 || g.Min > 1 {
 				return fmt.Errorf("%w: %s.min %v: the agreement floor is a fraction from 0 to 1", ErrInvalid, where, g.Min)
 			}
+			if g.Tolerance < 0 || math.IsNaN(g.Tolerance) || math.IsInf(g.Tolerance, 0) {
+				return fmt.Errorf("%w: %s.tolerance %v: a relative score difference, e.g. 0.05, or leave it out for the agent's default", ErrInvalid, where, g.Tolerance)
+			}
 		case GateDrift:
+			if g.Max == 0 {
+				g.Max = g.MaxDriftPSI
+			}
 			if g.Max <= 0 {
 				return fmt.Errorf("%w: %s.max %v: set the highest drift score allowed", ErrInvalid, where, g.Max)
 			}

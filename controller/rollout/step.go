@@ -48,6 +48,11 @@ import "fmt"
 //
 // Under the unreachable policy wait, a passed deadline of an offline device
 // changes nothing; the device gets a fresh deadline when it comes back.
+//
+// A device of a wave gated on shadowAgreement runs the new version in
+// shadow while it stays notified, downloading or verified (shadow.go): its
+// deadline does not count until it is sent the switch (with a fresh one);
+// a passed deadline with the gate undecided pauses the rollout instead.
 type Step int
 
 // The steps.

@@ -54,6 +54,20 @@ type HealthPolicy struct {
 	MaxErrorRate    float64 `json:"maxErrorRate"`
 	MaxLatencyP99MS uint32  `json:"maxLatencyP99Ms"`
 	MinInferences   uint32  `json:"minInferences"`
+	// Shadow, when set, asks for a shadow phase before the switch (the
+	// wire's SlotAssignment.shadow). It is kept with the health policy,
+	// in the same column: both say how the device vets a new version.
+	Shadow *ShadowPolicy `json:"shadow,omitempty"`
+}
+
+// ShadowPolicy is the wire's edgefleet.v1.ShadowPolicy in the store's
+// terms.
+type ShadowPolicy struct {
+	MinInferences uint32  `json:"minInferences,omitempty"`
+	MaxMS         uint32  `json:"maxMs,omitempty"`
+	MinAgreement  float64 `json:"minAgreement,omitempty"`
+	Tolerance     float64 `json:"tolerance,omitempty"`
+	Hold          bool    `json:"hold,omitempty"`
 }
 
 // SlotChange changes one slot of one device's desired state.

@@ -485,32 +485,3 @@ func (s *Store) LastEventID(ctx context.Context) (int64, error) {
 	err := s.db.QueryRowContext(ctx, `SELECT COALESCE(MAX(id), 0) FROM events`).Scan(&id)
 	return id, err
 }
-
-// InferenceSample is one inference outcome, as gates read it.
-type InferenceSample struct {
-	DeviceID  string
-	LatencyUS uint32
-	Error     string
-}
-
-// InferenceSamples returns the inference records of model@version whose
-// time is in [since, until], newest first, at most limit.
-func (s *Store) InferenceSamples(ctx context.Context, model, version string, since, until time.Time, limit int) ([]InferenceSample, error) {
-	rows, err := s.db.QueryContext(ctx, `
-		SELECT device_id, latency_us, error FROM telemetry
-		WHERE kind = 'inference' AND model = ? AND version = ? AND at_ms >= ? AND at_ms <= ?
-		ORDER BY at_ms DESC LIMIT ?`, model, version, since.UnixMilli(), until.UnixMilli(), limit)
-	if err != nil {
-		return nil, fmt.Errorf("read inferences of %s@%s: %w", model, version, err)
-	}
-	defer rows.Close()
-	var out []InferenceSample
-	for rows.Next() {
-		var x InferenceSample
-		if err := rows.Scan(&x.DeviceID, &x.LatencyUS, &x.Error); err != nil {
-			return nil, fmt.Errorf("read inferences of %s@%s: %w", model, version, err)
-		}
-		out = append(out, x)
-	}
-	return out, rows.Err()
-}

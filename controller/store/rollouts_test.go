@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -188,11 +190,29 @@ func TestDeviceBriefsEventsAndSamples(t *testing.T) {
 	if _, err := s.StoreTelemetry(ctx, "a", "e", t0, recs); err != nil {
 		t.Fatal(err)
 	}
-	got, err := s.InferenceSamples(ctx, "m", "1", t0.Add(time.Second), t0.Add(4*time.Second), 3)
-	if err != nil || len(got) != 3 || got[0].LatencyUS != 400 || got[2].LatencyUS != 200 || got[0].DeviceID != "a" {
+	// Samples come from minute aggregates: the whole minute the window
+	// touches, latencies within 10 % (their histogram bucket's middle).
+	got, err := s.InferenceSamples(ctx, "m", "1", t0.Add(time.Second), t0.Add(4*time.Second), 10)
+	if err != nil || len(got) != 6 || got[0].DeviceID != "a" {
 		t.Fatalf("InferenceSamples = %+v, %v", got, err)
 	}
-	if got, _ := s.InferenceSamples(ctx, "m", "2", t0, t0, 10); len(got) != 1 || got[0].Error != "boom" {
+	lat := make([]float64, len(got))
+	for i, x := range got {
+		lat[i] = float64(x.LatencyUS)
+	}
+	slices.Sort(lat)
+	for i, v := range lat {
+		if want := float64(100 * i); math.Abs(v-want) > 0.1*want+1 {
+			t.Errorf("latency %d reads back as %v, want about %v", i, v, want)
+		}
+	}
+	if got, _ := s.InferenceSamples(ctx, "m", "1", t0, t0, 3); len(got) != 3 {
+		t.Fatalf("InferenceSamples(limit 3) = %+v", got)
+	}
+	if got, _ := s.InferenceSamples(ctx, "m", "1", t0.Add(time.Minute), t0.Add(2*time.Minute), 10); len(got) != 0 {
+		t.Fatalf("InferenceSamples(next minute) = %+v", got)
+	}
+	if got, _ := s.InferenceSamples(ctx, "m", "2", t0, t0, 10); len(got) != 1 || got[0].Error == "" {
 		t.Fatalf("InferenceSamples(v2) = %+v", got)
 	}
 }

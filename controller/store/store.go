@@ -1,7 +1,7 @@
 // Package store keeps the controller's state in SQLite (modernc.org/sqlite,
 // pure Go): devices and what they report, models, each device's desired
-// state and its generation counter, telemetry records deduplicated by
-// (device, spool epoch, seq), deployment events, the broker's retained
+// state and its generation counter, telemetry deduplicated by (device,
+// spool epoch, seq) and folded into per-minute aggregates, deployment events, the broker's retained
 // desired-state messages, staged rollouts with every device's step,
 // operator API tokens (only their SHA-256) and the append-only audit log.
 //
@@ -42,6 +42,10 @@ var (
 type Store struct {
 	db  *sql.DB
 	now func() time.Time
+	tel telemetryStatements
+	// telCache is telemetry.go's; only StoreTelemetryBatches and
+	// PruneTelemetry touch it.
+	telCache telemetryCache
 }
 
 // Option changes how Open sets up the store.
@@ -286,6 +290,62 @@ CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
 	BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
 	BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+`,
+	// 4: telemetry at fleet rates (see telemetry.go). A row per record
+	// capped ingest far below the broker's rate; now the seqs stored per
+	// (device, epoch) are kept as disjoint ranges (the dedupe), the raw
+	// records as one row per batch, and inferences as aggregates per
+	// device per minute. Seqs are stored as seq XOR 2^63, which keeps
+	// their order as signed integers. The old per-record rows become
+	// one-seq ranges, so records stored before the upgrade stay deduped;
+	// their figures are not carried over.
+	`
+CREATE TABLE telemetry_seqs (
+	device_id   TEXT NOT NULL,
+	spool_epoch TEXT NOT NULL,
+	first       INTEGER NOT NULL,
+	last        INTEGER NOT NULL,
+	PRIMARY KEY (device_id, spool_epoch, first)
+) WITHOUT ROWID;
+INSERT INTO telemetry_seqs (device_id, spool_epoch, first, last)
+	SELECT device_id, spool_epoch, k, k FROM (
+		SELECT device_id, spool_epoch,
+			CASE WHEN seq >= 0 THEN seq + (-9223372036854775807 - 1) ELSE seq - (-9223372036854775807 - 1) END AS k
+		FROM telemetry);
+DROP INDEX telemetry_by_version;
+DROP TABLE telemetry;
+
+CREATE TABLE telemetry_batches (
+	id          INTEGER PRIMARY KEY,
+	device_id   TEXT NOT NULL,
+	spool_epoch TEXT NOT NULL,
+	first_seq   INTEGER NOT NULL,
+	last_seq    INTEGER NOT NULL,
+	records     INTEGER NOT NULL,
+	inferences  INTEGER NOT NULL,
+	seqs        BLOB NOT NULL,
+	encoding    INTEGER NOT NULL DEFAULT 0,
+	body        BLOB,
+	received_ms INTEGER NOT NULL
+);
+CREATE INDEX telemetry_batches_by_device ON telemetry_batches (device_id, id);
+CREATE INDEX telemetry_batches_by_time ON telemetry_batches (received_ms);
+
+CREATE TABLE telemetry_minutes (
+	device_id  TEXT NOT NULL,
+	model      TEXT NOT NULL,
+	version    TEXT NOT NULL,
+	source     INTEGER NOT NULL,
+	slot       TEXT NOT NULL,
+	rollout_id TEXT NOT NULL,
+	minute_ms  INTEGER NOT NULL,
+	count      INTEGER NOT NULL,
+	errors     INTEGER NOT NULL,
+	agg        BLOB NOT NULL,
+	PRIMARY KEY (device_id, model, version, source, slot, rollout_id, minute_ms)
+) WITHOUT ROWID;
+CREATE INDEX telemetry_minutes_by_version ON telemetry_minutes (model, version, minute_ms);
+CREATE INDEX telemetry_minutes_by_time ON telemetry_minutes (minute_ms);
 `,
 }
 

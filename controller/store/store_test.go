@@ -312,9 +312,9 @@ func TestTelemetryDedupe(t *testing.T) {
 	if err != nil || n != 5 {
 		t.Fatalf("TelemetryCount = %d, %v", n, err)
 	}
-	var seq int64
-	if err := s.db.QueryRowContext(ctx, `SELECT seq FROM telemetry WHERE kind = ?`, RecordOther).Scan(&seq); err != nil || uint64(seq) != 1<<63 {
-		t.Fatalf("big seq stored as %d, %v", seq, err)
+	st, err := s.TelemetryStats(ctx, "dev")
+	if err != nil || st.Records != 5 || st.Distinct != 5 || st.Epochs != 2 || st.MinSeq != 1 || st.MaxSeq != 1<<63 || st.Inferences != 3 {
+		t.Fatalf("TelemetryStats = %+v, %v", st, err)
 	}
 }
 
@@ -389,8 +389,15 @@ func TestConcurrentWriters(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	var n int
-	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM telemetry`).Scan(&n); err != nil || n != 160 {
-		t.Fatalf("telemetry rows = %d, %v", n, err)
+	var n int64
+	for _, id := range []string{"dev-0", "dev-1"} {
+		st, err := s.TelemetryStats(ctx, id)
+		if err != nil || st.Records != st.Distinct {
+			t.Fatalf("TelemetryStats(%s) = %+v, %v", id, st, err)
+		}
+		n += st.Records
+	}
+	if n != 160 {
+		t.Fatalf("telemetry records = %d, want 160", n)
 	}
 }

@@ -1,21 +1,34 @@
 // Package telemetry ingests the telemetry batches agents send from their
 // spools. Delivery on the wire is at least once (an agent resends until it
-// sees an ack); storage is exactly once: every record of a batch is inserted
-// in one transaction, ignoring (device, spool epoch, seq) already stored,
-// and only after the commit does the controller publish a TelemetryAck
-// naming the stored sequence numbers, so the agent can delete them.
+// sees an ack); storage is exactly once: a batch's records are stored in a
+// transaction that ignores (device, spool epoch, seq) already stored, and
+// only after the commit does the controller publish a TelemetryAck naming
+// the stored sequence numbers, so the agent can delete them.
+//
+// Ingest is a group commit: the link's worker hands each batch over
+// (Submit) and goes on reading; one writer goroutine (Run) takes every
+// batch that has arrived, stores them all in one transaction (one disk
+// sync for all), and then publishes each batch's ack. Under load the
+// groups grow, so the cost of a commit is shared by more batches; idle, a
+// group is one batch and waits for nobody.
 package telemetry
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+
 	"github.com/edgefleet/edgefleet/controller/inventory"
+	"github.com/edgefleet/edgefleet/controller/link"
 	"github.com/edgefleet/edgefleet/controller/metrics"
 	"github.com/edgefleet/edgefleet/controller/store"
+	"github.com/edgefleet/edgefleet/controller/telemetry/summary"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 	"github.com/edgefleet/edgefleet/proto/wire"
 )
@@ -25,13 +38,13 @@ const MaxSpoolEpoch = 128
 
 // Store is what ingest needs from the controller's store.
 type Store interface {
-	StoreTelemetry(ctx context.Context, id, epoch string, seen time.Time, recs []store.TelemetryRecord) (store.TelemetryResult, error)
+	StoreTelemetryBatches(ctx context.Context, batches []store.TelemetryBatch) ([]store.TelemetryResult, error)
 }
 
 // Publisher publishes the acks.
 type Publisher interface {
 	// PublishAsync publishes with QoS 1 and reports the outcome to done
-	// later; it must not wait for the broker (it runs on the message worker).
+	// later; it must not wait for the broker.
 	PublishAsync(topic string, payload []byte, retained bool, done func(error))
 }
 
@@ -42,17 +55,47 @@ type Options struct {
 	Logger    *slog.Logger
 	Metrics   *metrics.Registry
 	Now       func() time.Time
+	// QueueSize bounds the batches waiting for the writer (default 4096);
+	// Submit waits while it is full, which pushes back on the broker.
+	QueueSize int
+	// MaxGroup caps the batches of one transaction (default 1024), so one
+	// commit never holds the write lock for long.
+	MaxGroup int
+	// KeepRaw keeps compressed batches as they came (Envelope.
+	// telemetry_zstd, some 6 bytes a record), for the controller's raw
+	// retention. Plain batches are never kept whole: at some 40 bytes a
+	// record their WAL writes cost more than the rest of ingest together
+	// (BENCHMARKS.md); their records live on as seqs and aggregates.
+	KeepRaw bool
+}
+
+// Submission is one received batch.
+type Submission struct {
+	DeviceID string
+	// Seen is when the link received it.
+	Seen    time.Time
+	Epoch   string
+	Records []store.TelemetryRecord
+	// Body is the batch as it came on the wire, kept as the raw records
+	// (see Options.KeepRaw); nil keeps none.
+	Body     []byte
+	Encoding store.BodyEncoding
+	// Done, when set, is called on the writer after the batch is stored
+	// (nil) or its group failed; it must not block.
+	Done func(error)
 }
 
 // Ingest stores telemetry batches and acks them.
 type Ingest struct {
-	opts       Options
-	stored     *metrics.Counter
-	duplicates *metrics.Counter
-	batches    *metrics.Counter
+	opts  Options
+	queue chan Submission
+
+	stored, duplicates, batches, groups, failed *metrics.Counter
+	refused                                     *metrics.CounterVec
+	commitLatency, ackLatency                   *metrics.Histogram
 }
 
-// New returns an Ingest.
+// New returns an Ingest; Run must run for submissions to be stored.
 func New(opts Options) *Ingest {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -63,46 +106,241 @@ func New(opts Options) *Ingest {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	return &Ingest{
+	if opts.QueueSize <= 0 {
+		opts.QueueSize = 4096
+	}
+	if opts.MaxGroup <= 0 {
+		opts.MaxGroup = 1024
+	}
+	m := opts.Metrics
+	in := &Ingest{
 		opts:       opts,
-		stored:     opts.Metrics.Counter("edgefleet_controller_telemetry_records_stored_total", "Telemetry records stored for the first time."),
-		duplicates: opts.Metrics.Counter("edgefleet_controller_telemetry_duplicates_total", "Telemetry records received again and ignored (already stored)."),
-		batches:    opts.Metrics.Counter("edgefleet_controller_telemetry_batches_total", "Telemetry batches stored and acked."),
+		queue:      make(chan Submission, opts.QueueSize),
+		stored:     m.Counter("edgefleet_controller_telemetry_records_stored_total", "Telemetry records stored for the first time."),
+		duplicates: m.Counter("edgefleet_controller_telemetry_duplicates_total", "Telemetry records received again and ignored (already stored): dedupe hits."),
+		batches:    m.Counter("edgefleet_controller_telemetry_batches_total", "Telemetry batches stored and acked."),
+		groups:     m.Counter("edgefleet_controller_telemetry_commits_total", "Store transactions of telemetry (group commits; batches_total / commits_total is the mean group)."),
+		failed:     m.Counter("edgefleet_controller_telemetry_commit_failures_total", "Telemetry group commits that failed; their batches are not acked and come again."),
+		refused: m.CounterVec("edgefleet_controller_telemetry_batches_refused_total",
+			"Telemetry batches refused unstored, by reason (zstd: a compressed batch that does not decode or expands past the cap; epoch; aggregate).", "reason"),
+		commitLatency: m.Histogram("edgefleet_controller_telemetry_commit_seconds", "Time of one telemetry store transaction, commit included.", metrics.LatencyBuckets),
+		ackLatency:    m.Histogram("edgefleet_controller_telemetry_ack_seconds", "Time from receiving a telemetry batch to publishing its ack (queue wait and commit).", metrics.LatencyBuckets),
+	}
+	m.GaugeFunc("edgefleet_controller_telemetry_queue_depth", "Telemetry batches received and waiting for the store.", func() float64 { return float64(len(in.queue)) })
+	return in
+}
+
+// FromMessage turns a telemetry message into a Submission: the batch,
+// plain or compressed (expanded under wire.MaxDecompressed), decoded by
+// DecodeBatch, and the raw body to keep. A plain batch is m.Batch when the
+// link left it serialized (LazyTelemetry).
+func (in *Ingest) FromMessage(m link.Message) (Submission, error) {
+	sub := Submission{DeviceID: m.DeviceID, Seen: m.Received}
+	raw := m.Batch
+	switch {
+	case m.Envelope.GetTelemetryZstd() != nil:
+		z := m.Envelope.GetTelemetryZstd()
+		var err error
+		if raw, err = decompress(z); err != nil {
+			in.refused.With("zstd").Inc()
+			return sub, fmt.Errorf("telemetry of %s: %w", m.DeviceID, err)
+		}
+		sub.Body, sub.Encoding = z, store.BodyZstd
+	case raw == nil && m.Envelope.GetTelemetry() != nil:
+		// The link decoded it already (no LazyTelemetry): take its bytes
+		// out of the payload rather than marshal it again.
+		if raw = envelopeField(m.Payload, 14); raw == nil {
+			var err error
+			if raw, err = proto.Marshal(m.Envelope.GetTelemetry()); err != nil {
+				return sub, fmt.Errorf("telemetry of %s: %w", m.DeviceID, err)
+			}
+		}
+	case raw != nil:
+	default:
+		return sub, fmt.Errorf("telemetry of %s: the message carries no telemetry batch", m.DeviceID)
+	}
+	d, err := DecodeBatch(m.DeviceID, m.Received, raw)
+	if err != nil {
+		in.refused.With("malformed").Inc()
+		return sub, fmt.Errorf("telemetry of %s: %w", m.DeviceID, err)
+	}
+	sub.Epoch, sub.Records = d.Epoch, d.Records
+	if !in.opts.KeepRaw {
+		sub.Body, sub.Encoding = nil, store.BodyNone
+	}
+	return sub, nil
+}
+
+// envelopeField returns the bytes of length-delimited field num of a
+// serialized message, nil if absent or malformed.
+func envelopeField(msg []byte, num protowire.Number) []byte {
+	var out []byte
+	for len(msg) > 0 {
+		n, typ, l := protowire.ConsumeTag(msg)
+		if l < 0 {
+			return nil
+		}
+		msg = msg[l:]
+		if n == num && typ == protowire.BytesType {
+			v, l := protowire.ConsumeBytes(msg)
+			if l < 0 {
+				return nil
+			}
+			out = v // the last occurrence wins, as in proto.Unmarshal
+			msg = msg[l:]
+			continue
+		}
+		l = protowire.ConsumeFieldValue(n, typ, msg)
+		if l < 0 {
+			return nil
+		}
+		msg = msg[l:]
+	}
+	return out
+}
+
+// Submit queues a batch for the writer. It waits while the queue is full,
+// until ctx ends. A batch refused here (an oversized epoch, a malformed
+// aggregate) is not acked; its error names what to fix.
+func (in *Ingest) Submit(ctx context.Context, s Submission) error {
+	if len(s.Epoch) > MaxSpoolEpoch {
+		in.refused.With("epoch").Inc()
+		return fmt.Errorf("telemetry of %s: spool epoch is %d bytes; the limit is %d", s.DeviceID, len(s.Epoch), MaxSpoolEpoch)
+	}
+	for _, r := range s.Records {
+		if a := r.Aggregate; a != nil {
+			if err := summary.CheckAggregate(a); err != nil {
+				// Storing the rest and acking all would lose the aggregate
+				// for good; refusing keeps it in the agent's spool, where
+				// a fixed agent or controller can still get it.
+				in.refused.With("aggregate").Inc()
+				return fmt.Errorf("telemetry of %s, seq %d: %w", s.DeviceID, r.Seq, err)
+			}
+		}
+	}
+	select {
+	case in.queue <- s:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
-// Batch stores one batch of device id and, once it is committed, publishes
-// the ack. An empty batch is acked with no ranges, so the agent still learns
-// the controller is listening.
+// Batch stores one batch of device id and returns once it is committed
+// and its ack published. Run must be running.
 func (in *Ingest) Batch(ctx context.Context, id string, seen time.Time, b *pb.TelemetryBatch) error {
-	epoch := b.GetSpoolEpoch()
-	if len(epoch) > MaxSpoolEpoch {
-		return fmt.Errorf("telemetry of %s: spool epoch is %d bytes; the limit is %d", id, len(epoch), MaxSpoolEpoch)
-	}
+	done := make(chan error, 1)
 	recs := make([]store.TelemetryRecord, 0, len(b.GetRecords()))
-	seqs := make([]uint64, 0, len(b.GetRecords()))
 	for _, r := range b.GetRecords() {
 		recs = append(recs, recordFrom(id, r, seen))
-		seqs = append(seqs, r.GetSeq())
 	}
-	res, err := in.opts.Store.StoreTelemetry(ctx, id, epoch, seen, recs)
-	if err != nil {
-		// No ack: the agent keeps the records and sends them again.
-		return fmt.Errorf("telemetry of %s: %w", id, err)
+	sub := Submission{DeviceID: id, Seen: seen, Epoch: b.GetSpoolEpoch(), Records: recs, Done: func(err error) { done <- err }}
+	if err := in.Submit(ctx, sub); err != nil {
+		return err
 	}
-	in.stored.Add(uint64(res.Inserted))
-	in.duplicates.Add(uint64(res.Duplicates))
-	in.batches.Inc()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
 
-	ack := &pb.TelemetryAck{SpoolEpoch: epoch, Stored: Ranges(seqs)}
-	payload, err := wire.Seal(id, in.opts.Now(), ack)
+// Run is the writer: it stores what Submit queued, a group per
+// transaction, until ctx ends. Batches still queued then are dropped
+// unacked; their agents send them again.
+func (in *Ingest) Run(ctx context.Context) error {
+	group := make([]Submission, 0, in.opts.MaxGroup)
+	for {
+		group = group[:0]
+		select {
+		case <-ctx.Done():
+			return nil
+		case s := <-in.queue:
+			group = append(group, s)
+		}
+	fill:
+		for len(group) < in.opts.MaxGroup {
+			select {
+			case s := <-in.queue:
+				group = append(group, s)
+			default:
+				break fill
+			}
+		}
+		in.commit(ctx, group)
+	}
+}
+
+func (in *Ingest) commit(ctx context.Context, group []Submission) {
+	batches := make([]store.TelemetryBatch, len(group))
+	for i, s := range group {
+		batches[i] = store.TelemetryBatch{DeviceID: s.DeviceID, Epoch: s.Epoch, Seen: s.Seen, Records: s.Records, Body: s.Body, Encoding: s.Encoding}
+	}
+	start := time.Now()
+	results, err := in.opts.Store.StoreTelemetryBatches(ctx, batches)
+	in.commitLatency.Observe(time.Since(start).Seconds())
+	in.groups.Inc()
 	if err != nil {
-		return fmt.Errorf("telemetry of %s: seal ack: %w", id, err)
+		// No ack: the agents keep the records and send them again.
+		in.failed.Inc()
+		if ctx.Err() == nil {
+			in.opts.Logger.Error("store telemetry", "batches", len(group), "err", err)
+		}
+		for _, s := range group {
+			if s.Done != nil {
+				s.Done(fmt.Errorf("telemetry of %s: %w", s.DeviceID, err))
+			}
+		}
+		return
+	}
+	// One ack per device and spool epoch of the group: under load an
+	// agent's whole window lands in one group, and one ack naming all of
+	// it retires every batch it covers (the agent matches acks to batches
+	// by seq, not one to one).
+	type stream struct{ id, epoch string }
+	acks := map[stream][]uint64{}
+	var order []stream
+	for i, s := range group {
+		res := results[i]
+		in.stored.Add(uint64(res.Inserted))
+		in.duplicates.Add(uint64(res.Duplicates))
+		in.batches.Inc()
+		k := stream{s.DeviceID, s.Epoch}
+		if _, ok := acks[k]; !ok {
+			order = append(order, k)
+			acks[k] = []uint64{}
+		}
+		for _, r := range s.Records {
+			acks[k] = append(acks[k], r.Seq)
+		}
+	}
+	now := in.opts.Now()
+	for _, k := range order {
+		if err := in.ack(k.id, k.epoch, acks[k], now); err != nil {
+			in.opts.Logger.Error("telemetry ack", "device", k.id, "err", err)
+		}
+	}
+	for _, s := range group {
+		in.ackLatency.Observe(time.Since(s.Seen).Seconds())
+		if s.Done != nil {
+			s.Done(nil)
+		}
+	}
+}
+
+// ack publishes the stored seqs of a device's spool epoch: all of its
+// batches' records, new and duplicate alike (a duplicate is stored, just
+// not now). An empty batch is acked with no ranges, so the agent still
+// learns the controller listens.
+func (in *Ingest) ack(id, epoch string, seqs []uint64, now time.Time) error {
+	payload, err := wire.Seal(id, now, &pb.TelemetryAck{SpoolEpoch: epoch, Stored: Ranges(seqs)})
+	if err != nil {
+		return fmt.Errorf("seal ack: %w", err)
 	}
 	log := in.opts.Logger
-	log.Debug("telemetry stored", "device", id, "epoch", epoch, "records", len(recs), "new", res.Inserted, "duplicates", res.Duplicates)
 	in.opts.Publisher.PublishAsync(wire.Topic(id, wire.KindAck), payload, false, func(err error) {
-		if err != nil {
+		if err != nil && !errors.Is(err, context.Canceled) {
 			// The records are stored; the agent resends them, they are
 			// ignored as duplicates and acked again.
 			log.Warn("telemetry ack not delivered", "device", id, "epoch", epoch, "err", err)
@@ -128,6 +366,13 @@ func recordFrom(id string, r *pb.TelemetryRecord, seen time.Time) store.Telemetr
 		rec.Model, rec.Version, rec.Error = ev.Model, ev.Version, ""
 		rec.At = ev.At
 		rec.Event = &ev
+	case *pb.TelemetryRecord_Aggregate:
+		rec.Kind = store.RecordAggregate
+		rec.Aggregate = body.Aggregate
+		rec.Model, rec.Version = body.Aggregate.GetModel(), body.Aggregate.GetVersion()
+	case *pb.TelemetryRecord_Sample:
+		rec.Kind = store.RecordSample
+		rec.Model, rec.Version = body.Sample.GetModel(), body.Sample.GetVersion()
 	}
 	return rec
 }
@@ -151,4 +396,15 @@ func Ranges(seqs []uint64) []*pb.SeqRange {
 		out = append(out, &pb.SeqRange{First: v, Last: v})
 	}
 	return out
+}
+
+// HasEvents reports whether a submission carries deployment events (which
+// move rollouts once stored).
+func (s Submission) HasEvents() bool {
+	for _, r := range s.Records {
+		if r.Kind == store.RecordEvent {
+			return true
+		}
+	}
+	return false
 }

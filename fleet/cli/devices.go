@@ -83,6 +83,9 @@ func runDevice(ctx context.Context, e *exec, args []string) error {
 		return fmt.Errorf("device %q: %w", pos[0], err)
 	}
 	now := time.Now()
+	// The last hour's figures, for the table; an older controller without
+	// the endpoint just leaves them out.
+	tel, _ := c.DeviceTelemetry(ctx, pos[0], "1h")
 	return emit(e.stdout, g.output, d, func(tw *tabwriter.Writer) {
 		fmt.Fprintf(tw, "Device:\t%s\n", d.ID)
 		fmt.Fprintf(tw, "Online:\t%s (last seen %s)\n", yesNo(d.Online), ago(d.LastSeen, now))
@@ -116,6 +119,16 @@ func runDevice(ctx context.Context, e *exec, args []string) error {
 		if d.Desired != nil {
 			for _, s := range d.Desired.Slots {
 				fmt.Fprintf(tw, "Desired %s:\t%s@%s\n", s.Slot, s.Name, s.Version)
+			}
+		}
+		if tel != nil {
+			for _, f := range tel.Groups {
+				drift := ""
+				if f.Drift != nil && len(f.Drift.Outputs) > 0 {
+					drift = fmt.Sprintf(", drift PSI %.3f JS %.3f", f.Drift.MaxOutputPSI, f.Drift.MaxOutputJS)
+				}
+				fmt.Fprintf(tw, "Last hour %s@%s:\t%d inferences, %.2f%% errors, p50 %.2fms p95 %.2fms p99 %.2fms%s\n",
+					f.Model, f.Version, f.Count, f.ErrorRate*100, f.LatencyP50Ms, f.LatencyP95Ms, f.LatencyP99Ms, drift)
 			}
 		}
 		if len(d.LastEvents) > 0 {

@@ -17,10 +17,29 @@ const (
 	releasePubFile = "release.pub"
 )
 
-func runKeys(_ context.Context, e *exec, args []string) error {
-	if len(args) == 0 || args[0] != "init" {
-		return usageErr("want: fleet keys init [--dir DIR]")
+// keysUsage lists the keys subcommands.
+const keysUsage = "init [--dir DIR] | list | rotate-director [--overlap D] | rotate-release --old-key F --new-key F [--sequence N] [--overlap D] [--out FILE] | push FILE"
+
+func runKeys(ctx context.Context, e *exec, args []string) error {
+	if len(args) == 0 {
+		return usageErr("want: fleet keys " + keysUsage)
 	}
+	switch args[0] {
+	case "init":
+		return runKeysInit(e, args)
+	case "list":
+		return runKeysList(ctx, e, args[1:])
+	case "rotate-director":
+		return runRotateDirector(ctx, e, args[1:])
+	case "rotate-release":
+		return runRotateRelease(ctx, e, args[1:])
+	case "push":
+		return runKeysPush(ctx, e, args[1:])
+	}
+	return usageErr("unknown keys subcommand %q; want fleet keys %s", args[0], keysUsage)
+}
+
+func runKeysInit(e *exec, args []string) error {
 	var g globals
 	fs := newFlags(e, "keys init", &g)
 	dir := fs.String("dir", "keys", "directory for release.key (keep it offline) and release.pub (give it to agents)")

@@ -27,9 +27,11 @@ func rolloutHelp(w io.Writer) {
 	fmt.Fprint(w, `usage:
   fleet rollout create -f rollout.yaml [--dry-run] [--watch]
   fleet rollout create MODEL@VERSION -l SELECTOR [--name N] [--slot S] [--waves 1%,10%,50%,100%]
+  fleet rollout create --agent-release VERSION -l SELECTOR [the same flags but --slot]
         [--soak 10m] [--stratify-by LABEL] [--failure-budget 2%] [--max-concurrent-downloads N]
         [--deadline 30m] [--unreachable fail|skip|wait] [--on-failure rollback|stop]
-        [--approve-before 3,4] [--max-error-rate 0.02] [--max-latency-ratio 1.5] [--dry-run] [--watch]
+        [--approve-before 3,4] [--max-error-rate 0.02] [--max-latency-ratio 1.5]
+        [--gate 'shadowAgreement>=0.98 over 200'] [--dry-run] [--watch]
   fleet rollout list
   fleet rollout get ID [--devices [--step STEP] [--wave N]]
   fleet rollout watch ID
@@ -203,6 +205,9 @@ func rolloutCreate(ctx context.Context, e *exec, args []string) error {
 	approve := fs.String("approve-before", "", "waves (counted from 1) that wait for fleet rollout approve, e.g. 3,4")
 	maxErr := fs.Float64("max-error-rate", 0, "error rate gate: the highest share of failed inferences, e.g. 0.02")
 	maxLat := fs.Float64("max-latency-ratio", 0, "latency gate: the highest p95/p99 ratio to the previous version, e.g. 1.5")
+	var gates gateFlags
+	fs.Var(&gates, "gate", gateHelp)
+	agentRel := fs.String("agent-release", "", "roll out this agent release version (fleet agent release push) instead of a model")
 	dry := fs.Bool("dry-run", false, "show the waves it would have, create nothing")
 	watch := fs.Bool("watch", false, "watch the rollout once created")
 	pos, err := parse(fs, args)
@@ -218,6 +223,21 @@ func rolloutCreate(ctx context.Context, e *exec, args []string) error {
 		if spec, err = specFromFile(*file); err != nil {
 			return err
 		}
+	case *agentRel != "":
+		if len(pos) > 0 || *slot != "" {
+			return usageErr("--agent-release rolls out an agent release: give no MODEL@VERSION and no --slot")
+		}
+		if *sel == "" {
+			return usageErr("no selector: pass -l SELECTOR (-l '' targets every device)")
+		}
+		spec, err = specFromFlags("", *sel, *name, "", *waves, *soak, *stratify, *budget, *maxDownloads,
+			*deadline, *unreachable, *onFailure, *approve, *maxErr, *maxLat)
+		if err == nil {
+			spec, err = withAgent(spec, *agentRel)
+		}
+		if err != nil {
+			return err
+		}
 	default:
 		if len(pos) != 1 {
 			return usageErr("want -f rollout.yaml, or MODEL@VERSION -l SELECTOR")
@@ -231,6 +251,14 @@ func rolloutCreate(ctx context.Context, e *exec, args []string) error {
 		spec, err = specFromFlags(pos[0], *sel, *name, *slot, *waves, *soak, *stratify, *budget, *maxDownloads,
 			*deadline, *unreachable, *onFailure, *approve, *maxErr, *maxLat)
 		if err != nil {
+			return err
+		}
+	}
+	if len(gates) > 0 {
+		if *file != "" {
+			return usageErr("--gate goes with MODEL@VERSION -l SELECTOR; in a file, write the gates under strategy.gates")
+		}
+		if spec, err = withGates(spec, gates); err != nil {
 			return err
 		}
 	}

@@ -36,7 +36,12 @@ func runSim(ctx context.Context, e *exec, args []string) error {
 		logLevel   = fs.String("log-level", "info", "the simulator's log level: debug, info, warn, error")
 		agentLevel = fs.String("agent-log-level", "off", "the simulated agents' log level: off, debug, info, warn, error (they are many)")
 		memProfile = fs.String("memprofile", "", "write a heap profile of the simulator to `FILE` at every report (--every), for go tool pprof")
+		releaseKs  stringList
+		directorKs stringList
 	)
+	fs.Var(&releaseKs, "release-key", "release public key `file` every device pins (repeatable)")
+	fs.Var(&directorKs, "director-key", "the controller's director public key `file` (its DATA/keys/director.pub) every device pins (repeatable)")
+	fs.BoolVar(&o.AllowUnsigned, "allow-unsigned", false, "DEVELOPMENT ONLY: devices start without both keys and accept unsigned bundles and desired states")
 	fs.IntVar(&o.Agents, "agents", 0, "number of simulated devices (required)")
 	fs.Float64Var(&o.Rate, "rate", 0, "inferences per second per device on its active model")
 	fs.Float64Var(&o.Offline, "offline", 0, "fraction of devices offline (they say hello once, then lose their network)")
@@ -64,6 +69,7 @@ func runSim(ctx context.Context, e *exec, args []string) error {
 		return usageErr("--labels: %v", err)
 	}
 	o.FailModel = sim.FailSpec(*failModel)
+	o.ReleaseKeys, o.DirectorKeys = releaseKs, directorKs
 	o.Controller = g.controller
 	o.Broker = *broker
 	if o.Broker == "" {
@@ -135,7 +141,7 @@ func runSim(ctx context.Context, e *exec, args []string) error {
 				return json.NewEncoder(e.stdout).Encode(st)
 			}
 			return emit(e.stdout, g.output, st, func(tw *tabwriter.Writer) {
-				simStatsTable(tw, st, true)
+				simStatsTable(tw, st, header)
 			})
 		case <-tick:
 			if *memProfile != "" {
@@ -150,9 +156,7 @@ func runSim(ctx context.Context, e *exec, args []string) error {
 				}
 				continue
 			}
-			tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-			simStatsTable(tw, st, header)
-			tw.Flush()
+			simStatsTable(e.stdout, st, header)
 			header = false
 		}
 	}
@@ -180,6 +184,12 @@ type simStatus struct {
 	Final bool `json:"final,omitempty"`
 }
 
+// stringList collects a repeatable flag.
+type stringList []string
+
+func (l *stringList) String() string     { return strings.Join(*l, ",") }
+func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }
+
 // writeHeapProfile replaces path with a heap profile of the process now.
 func writeHeapProfile(path string) error {
 	tmp := path + ".tmp"
@@ -201,14 +211,16 @@ func writeHeapProfile(path string) error {
 	return nil
 }
 
-// simStatsTable writes one line of the fleet's counters.
-func simStatsTable(tw *tabwriter.Writer, st simStatus, header bool) {
+// simStatsTable writes one line of the fleet's counters, in fixed-width
+// columns so that the lines of a long run line up.
+func simStatsTable(w io.Writer, st simStatus, header bool) {
+	const format = "%-8v %8v %8v %8v %9v %8v %8v %11v %8v %10v %10v %7v\n"
 	if header {
-		fmt.Fprintln(tw, "UP\tDEVICES\tPOWERED\tONLINE\tCONNECTED\tJOINED\tFAILING\tINFERENCES\tERRORS\tPUBLISHED\tRECEIVED\tMODELS")
+		fmt.Fprintf(w, format, "UP", "DEVICES", "POWERED", "ONLINE", "CONNECTED", "JOINED", "FAILING", "INFERENCES", "ERRORS", "PUBLISHED", "RECEIVED", "MODELS")
 	}
 	up := time.Duration(st.UpSeconds * float64(time.Second)).Round(time.Second)
-	fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\n", up, st.Agents, st.Powered, st.Online,
-		st.Connected, st.Joined, st.Failing, st.Inferences, st.InferenceErrors, st.Published, st.Received, st.ModelsLoaded)
+	fmt.Fprintf(w, format, up, st.Agents, st.Powered, st.Online, st.Connected, st.Joined, st.Failing,
+		st.Inferences, st.InferenceErrors, st.Published, st.Received, st.ModelsLoaded)
 }
 
 // brokerNextTo guesses the broker of a controller that embeds one: the

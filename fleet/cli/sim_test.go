@@ -55,7 +55,7 @@ func TestSimRuns(t *testing.T) {
 	t.Cleanup(func() { srv.Close() })
 
 	code, stdout, stderr := run(t, "sim", "--agents", "5", "--broker", "tcp://"+l.Address(), "--controller", "http://127.0.0.1:1",
-		"--labels", "region=eu:4,us:1", "--prefix", "cli-", "--for", "1500ms", "--every", "200ms", "-o", "json", "--log-level", "warn")
+		"--labels", "region=eu:4,us:1", "--prefix", "cli-", "--for", "1500ms", "--every", "200ms", "-o", "json", "--log-level", "warn", "--allow-unsigned")
 	if code != 0 {
 		t.Fatalf("exit %d\n%s", code, stderr)
 	}

@@ -118,10 +118,12 @@ type PlannedWave struct {
 // code; rollout.yaml files go to the controller as they are (see
 // CreateRolloutJSON). Sizes are "10%" or "5", durations "10m".
 type RolloutSpec struct {
-	Name     string          `json:"name,omitempty"`
-	Selector string          `json:"selector"`
-	Model    string          `json:"model"`
-	Slot     string          `json:"slot,omitempty"`
+	Name     string `json:"name,omitempty"`
+	Selector string `json:"selector"`
+	Model    string `json:"model,omitempty"`
+	Slot     string `json:"slot,omitempty"`
+	// Agent names an agent release version to roll out instead of a model.
+	Agent    string          `json:"agent,omitempty"`
 	Strategy RolloutStrategy `json:"strategy"`
 }
 
@@ -155,6 +157,11 @@ type GateSpec struct {
 	MaxP95Ratio   float64 `json:"maxP95Ratio,omitempty"`
 	MaxP99Ratio   float64 `json:"maxP99Ratio,omitempty"`
 	MinInferences int     `json:"minInferences,omitempty"`
+	// Tolerance is the shadowAgreement gate's score tolerance (relative).
+	Tolerance float64 `json:"tolerance,omitempty"`
+	// MaxDriftPSI is the drift gate's ceiling on the outputs' PSI (its max
+	// by another name).
+	MaxDriftPSI float64 `json:"maxDriftPSI,omitempty"`
 }
 
 // HealthSpec bounds the new version on each device during its soak.

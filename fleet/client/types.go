@@ -17,6 +17,19 @@ type Device struct {
 	Inferences         uint64            `json:"inferences"`
 	InferenceErrors    uint64            `json:"inferenceErrors"`
 	LastEvents         []Event           `json:"lastEvents"`
+	// AgentUpdate is where the agent's self-update stands (nil from
+	// agents without self-update).
+	AgentUpdate *AgentUpdate `json:"agentUpdate,omitempty"`
+}
+
+// AgentUpdate is a device's report of its agent self-update.
+type AgentUpdate struct {
+	Running   string `json:"running"`
+	Healthy   bool   `json:"healthy"`
+	Pending   string `json:"pending"`
+	Previous  string `json:"previous"`
+	LastError string `json:"lastError"`
+	RolloutID string `json:"rolloutId"`
 }
 
 // Active returns the model active in slot, or nil.

@@ -32,7 +32,7 @@ func BenchmarkJoin(b *testing.B) {
 		runtime.GC()
 		var before runtime.MemStats
 		runtime.ReadMemStats(&before)
-		s, err := New(Options{Agents: n, Broker: broker, Controller: "http://127.0.0.1:1", StartRate: 1e6})
+		s, err := New(Options{Agents: n, Broker: broker, Controller: "http://127.0.0.1:1", StartRate: 1e6, AllowUnsigned: true})
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -36,10 +36,12 @@
 //	s.Agent("sim-007").SetOnline(true)
 //	s.Stats().Running["grid-anomaly@1.1.0"]
 //
-// Memory: a device costs about 120 KiB when idle (its goroutines, its
-// paho client and the agent's queues; BENCHMARKS.md has the current
-// figure and where it goes), so 10,000 devices need about 1.2 GiB, and one
-// open file each (Run raises the soft limit as far as the hard one).
+// Memory: a device costs about 210 KiB of heap when idle (BenchmarkJoin:
+// its goroutines, its paho client and the agent's queues) and about
+// 290 KiB of resident memory running a model (BENCHMARKS.md has the
+// current figures and where they go), so 10,000 devices need about 3 GB,
+// and one open file each (Run raises the soft limit as far as the hard
+// one).
 package sim
 
 import (
@@ -58,6 +60,7 @@ import (
 	"github.com/edgefleet/edgefleet/agent"
 	"github.com/edgefleet/edgefleet/agent/spool"
 	"github.com/edgefleet/edgefleet/models/host"
+	"github.com/edgefleet/edgefleet/proto/trust"
 	"github.com/edgefleet/edgefleet/proto/wire"
 )
 
@@ -132,6 +135,23 @@ type Options struct {
 	// DefaultSpoolMaxRecords).
 	SpoolMaxRecords uint64
 
+	// ReleaseKeys and DirectorKeys are the public key files every device
+	// pins (agent.Config.ReleaseKeys and DirectorKeys): the release keys
+	// that sign bundles and the controller's director key
+	// (DATA/keys/director.pub) that signs desired states. A device
+	// without both refuses to start unless AllowUnsigned is set.
+	ReleaseKeys, DirectorKeys []string
+	// AllowUnsigned is the agents' --allow-unsigned (development only):
+	// with no key, devices check no signature at all; with one, they
+	// accept unsigned documents of the other kind.
+	AllowUnsigned bool
+
+	// Configure, if set, adjusts each device's agent configuration before
+	// the device starts: health watch defaults, shadow phase, TLS. The
+	// simulator has set the id, data directory, labels, broker,
+	// controller, spool bound and keys.
+	Configure func(a *Agent, cfg *agent.Config)
+
 	// Host runs the models; nil makes one with an in-memory compilation
 	// cache, closed when Run returns.
 	Host *host.Host
@@ -183,6 +203,17 @@ func (o *Options) Validate() error {
 	if o.IDPrefix != "" {
 		if err := wire.ValidateDeviceID(o.IDPrefix + "1"); err != nil {
 			errs = append(errs, fmt.Errorf("id prefix %q: %w", o.IDPrefix, err))
+		}
+	}
+	// Every device reads the key files when it starts; a bad one is
+	// better reported once, now, than by ten thousand devices that stay
+	// off.
+	if !o.AllowUnsigned && (len(o.ReleaseKeys) == 0 || len(o.DirectorKeys) == 0) {
+		errs = append(errs, errors.New("keys: give every device a release key and the controller's director key (fleet sim --release-key FILE --director-key FILE), or allow unsigned (--allow-unsigned, development only)"))
+	}
+	for _, f := range append(slices.Clone(o.ReleaseKeys), o.DirectorKeys...) {
+		if _, err := trust.ReadPublicKey(f); err != nil {
+			errs = append(errs, fmt.Errorf("key %s: %w", f, err))
 		}
 	}
 	return errors.Join(errs...)
@@ -481,5 +512,11 @@ func (s *Sim) agentConfig(a *Agent, dir string) agent.Config {
 	cfg.Broker = s.o.Broker
 	cfg.Controller = s.o.Controller
 	cfg.SpoolMaxRecords = s.o.SpoolMaxRecords
+	cfg.ReleaseKeys = s.o.ReleaseKeys
+	cfg.DirectorKeys = s.o.DirectorKeys
+	cfg.AllowUnsigned = s.o.AllowUnsigned
+	if s.o.Configure != nil {
+		s.o.Configure(a, &cfg)
+	}
 	return cfg
 }

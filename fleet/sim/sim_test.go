@@ -247,6 +247,7 @@ func testHost(t testing.TB) *host.Host {
 // startSim runs a Sim until the test ends and waits for its devices to join.
 func startSim(t *testing.T, o Options) *Sim {
 	t.Helper()
+	o.AllowUnsigned = true // the test director publishes unsigned states
 	s, err := New(o)
 	if err != nil {
 		t.Fatal(err)
@@ -521,7 +522,7 @@ func TestSimNeverSeen(t *testing.T) {
 }
 
 func TestOptionsValidate(t *testing.T) {
-	ok := Options{Agents: 1, Broker: "tcp://127.0.0.1:1883", Controller: "http://127.0.0.1:8080"}
+	ok := Options{Agents: 1, Broker: "tcp://127.0.0.1:1883", Controller: "http://127.0.0.1:8080", AllowUnsigned: true}
 	if err := ok.Validate(); err != nil {
 		t.Fatal(err)
 	}
@@ -541,6 +542,8 @@ func TestOptionsValidate(t *testing.T) {
 		{func(o *Options) { o.FailModel = "m@" }, "fail model"},
 		{func(o *Options) { o.Network.Loss = 1 }, "loss"},
 		{func(o *Options) { o.IDPrefix = "bad prefix/" }, "id prefix"},
+		{func(o *Options) { o.DirectorKeys = []string{"/nonexistent/director.pub"} }, "key /nonexistent/director.pub"},
+		{func(o *Options) { o.AllowUnsigned = false }, "--allow-unsigned"},
 	} {
 		o := ok
 		tt.change(&o)

@@ -171,12 +171,13 @@ func TestWriteReport(t *testing.T) {
 // The targets are judged on the medians, and a miss says by how much.
 func TestEvaluate(t *testing.T) {
 	r := &results{
-		Rollout: []rolloutResult{{Broker: "embedded", Runs: []rolloutRun{
-			{Devices: 10000, Engine: true, Rollout: 50 * time.Second, Decisions: []time.Duration{10 * time.Millisecond, 2 * time.Second}, CtlPeak: 900 << 20},
-			{Devices: 10000, Engine: true, Rollout: 70 * time.Second, Decisions: []time.Duration{10 * time.Millisecond}, CtlPeak: 1200 << 20},
-			{Devices: 10000, Engine: true, Rollout: 80 * time.Second, Decisions: []time.Duration{20 * time.Millisecond}, CtlPeak: 1100 << 20},
+		Rollout: []rolloutResult{{Broker: "embedded", Devices: 10000, CtlPeak: 1100 << 20, Runs: []rolloutRun{
+			{Version: "2.0.0", Phase: "succeeded", Rollout: 50 * time.Second, Decisions: []time.Duration{10 * time.Millisecond, 2 * time.Second}},
+			{Version: "3.0.0", Phase: "succeeded", Rollout: 70 * time.Second, Decisions: []time.Duration{10 * time.Millisecond}},
+			{Version: "4.0.0", Phase: "succeeded", Rollout: 80 * time.Second, Decisions: []time.Duration{20 * time.Millisecond}},
+			{Version: "5.0.0", Phase: "aborted", Rollout: 10 * time.Second, Err: "rollout ended aborted"},
 		}}},
-		Ingest: []ingestResult{{Broker: "embedded", Raw: []float64{1000, 1000, 1000}, Ingest: []float64{900, 700, 850}}},
+		Ingest: []ingestResult{{Broker: "embedded", Encoding: "plain", Raw: []float64{1000, 1000, 1000}, Ingest: []float64{900, 700, 850}}},
 		Agent:  &agentResult{BinaryBytes: 12 << 20, Static: true, Idle: []idleModel{{Model: "m 1.0.0", RSS: []int64{25 << 20, 21 << 20, 30 << 20}}}},
 	}
 	r.evaluate()
@@ -204,9 +205,82 @@ func TestEvaluate(t *testing.T) {
 		t.Error("controllerMissed = false with the rollout over 60 s")
 	}
 	md := r.markdown()
-	for _, want := range []string{"### Targets", "**missed**: over by 10s (17%)", "| embedded | 10000 | 70.0 s |", "0.85×", "12.0 MiB, static: true"} {
+	for _, want := range []string{"### Targets", "**missed**: over by 10s (17%)", "| embedded | 10000 | 70.0 s (3 of 4 runs finished) |", "| embedded | 10000 | run 4: 5.0.0 | 10.0 s | aborted (0 of 10000 devices on 5.0.0 when the bench stopped waiting) |", "0.85×", "12.0 MiB, static: true"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md)
 		}
+	}
+}
+
+func TestSizeByModule(t *testing.T) {
+	syms := []symbol{
+		{"runtime.mallocgc", 4000},
+		{"runtime.(*mheap).alloc", 1000},
+		{"github.com/tetratelabs/wazero/internal/engine/wazevo.(*callEngine).init", 3000},
+		{"modernc.org/sqlite/lib._sqlite3VdbeExec", 2000},
+		{"github.com/edgefleet/edgefleet/agent/deploy.(*Manager).Run", 500},
+		{"go:itab.*os.File,io.Reader", 300},
+		{"net/http.(*Transport).RoundTrip", 200},
+		{"github.com/eclipse/paho%2emqtt%2egolang.(*client).Connect", 100},
+	}
+	got := sizeByModule(syms, 5)
+	want := []string{"std: runtime", "github.com/tetratelabs/wazero", "modernc.org/sqlite", "github.com/edgefleet/edgefleet/agent", "(runtime tables, types)"}
+	if len(got) != len(want) {
+		t.Fatalf("got %q", got)
+	}
+	for i, w := range want {
+		if !strings.HasPrefix(got[i], w+" ") {
+			t.Errorf("line %d = %q, want module %q", i, got[i], w)
+		}
+	}
+	if !strings.Contains(got[0], "45.0%") {
+		t.Errorf("runtime share: %q (5000 of 11100 bytes)", got[0])
+	}
+	for sym, mod := range map[string]string{
+		"github.com/eclipse/paho%2emqtt%2egolang.(*client).Connect": "github.com/eclipse/paho.mqtt.golang",
+		"google.golang.org/protobuf/proto.Marshal":                  "google.golang.org/protobuf",
+		"golang.org/x/sync/errgroup.(*Group).Go":                    "golang.org/x/sync",
+		"crypto/ed25519.Verify":                                     "std: crypto",
+		"type:.eq.[2]interface {}":                                  "(runtime tables, types)",
+	} {
+		if got := moduleOf(sym); got != mod {
+			t.Errorf("moduleOf(%q) = %q, want %q", sym, got, mod)
+		}
+	}
+}
+
+// A run of some parts keeps the other parts' last figures from -results,
+// with the time they were measured, and replaces its own.
+func TestMergeResults(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "results.json")
+	first := &results{Command: "go run ./scripts/bench"}
+	first.timed("agent")()
+	first.timed("ingest")()
+	first.Agent = &agentResult{BinaryBytes: 12 << 20, Static: true}
+	first.Ingest = []ingestResult{{Broker: "embedded", Encoding: "plain", Raw: []float64{100}, Ingest: []float64{50}}}
+	if err := first.save(path); err != nil {
+		t.Fatal(err)
+	}
+	second := &results{Command: "go run ./scripts/bench -only ingest"}
+	if err := second.mergeFrom(path, map[string]bool{"ingest": true}); err != nil {
+		t.Fatal(err)
+	}
+	if second.Agent == nil || second.Agent.BinaryBytes != 12<<20 || second.Parts["agent"] == nil {
+		t.Errorf("agent figures not kept: %+v, parts %v", second.Agent, second.Parts)
+	}
+	if second.Ingest != nil || second.Parts["ingest"] != nil {
+		t.Errorf("ingest figures kept although this run measures them: %+v", second.Ingest)
+	}
+	if md := second.markdown(); !strings.Contains(md, "by `go run ./scripts/bench`") {
+		t.Errorf("the agent section does not say which run measured it:\n%s", md)
+	}
+	if err := second.mergeFrom(filepath.Join(t.TempDir(), "none.json"), nil); err != nil {
+		t.Errorf("a missing -results file: %v", err)
+	}
+	if err := os.WriteFile(path, []byte("{"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := second.mergeFrom(path, nil); err == nil || !strings.Contains(err.Error(), "delete it") {
+		t.Errorf("a damaged -results file: %v", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,11 +18,14 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/edgefleet/edgefleet/fleet/client"
 	"github.com/edgefleet/edgefleet/fleet/sim"
+	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/models/compiler"
+	"github.com/edgefleet/edgefleet/proto/trust"
 	"github.com/edgefleet/edgefleet/scripts/internal/proc"
 )
 
@@ -33,9 +37,12 @@ type env struct {
 	bin       string
 	mosquitto string
 	log       *slog.Logger
-	// models holds bundle files by "name@version".
-	models map[string][]byte
-	seq    int
+	// models holds bundle files by "name@version", signed with the
+	// release key whose public key file is releaseKey.
+	models     map[string][]byte
+	releaseKey string
+	release    ed25519.PrivateKey
+	seq        int
 }
 
 // benchModel is the model the benchmarks deploy: an XGBoost ensemble
@@ -58,26 +65,52 @@ func (e *env) build(ctx context.Context) error {
 }
 
 // buildModels compiles the benchmark model at the versions the
-// benchmarks use.
+// benchmarks use, each signed with a release key made for the run, whose
+// public half every device pins (releaseKey): the devices check what they
+// would check in the field.
 func (e *env) buildModels() error {
 	e.models = map[string][]byte{}
 	spec, err := compiler.ReadSpec(filepath.Join(e.cfg.root, "models", "examples", benchModel))
 	if err != nil {
 		return err
 	}
-	for _, v := range []string{"1.0.0", "2.0.0"} {
+	pub, priv, err := trust.GenerateKey()
+	if err != nil {
+		return err
+	}
+	e.release = priv
+	pem, err := trust.MarshalPublicKey(pub)
+	if err != nil {
+		return err
+	}
+	e.releaseKey = filepath.Join(e.work, "release.pub")
+	if err := os.WriteFile(e.releaseKey, pem, 0o644); err != nil {
+		return err
+	}
+	for _, v := range e.cfg.versions() {
 		spec.Version = v
 		r, err := spec.Build()
 		if err != nil {
 			return fmt.Errorf("compile %s %s: %w", benchModel, v, err)
 		}
-		data, err := r.Bundle.Encode()
+		data, err := e.sign(r.Bundle)
 		if err != nil {
 			return err
 		}
 		e.models[benchModel+"@"+v] = data
 	}
 	return nil
+}
+
+// sign signs a bundle with the run's release key (its only signature)
+// and encodes it.
+func (e *env) sign(b *bundle.Bundle) ([]byte, error) {
+	sig := trust.Sign(e.release, trust.DomainBundleManifest, b.ManifestJSON)
+	var err error
+	if b.Signature, err = trust.EncodeSignatures([]trust.Signature{sig}); err != nil {
+		return nil, err
+	}
+	return b.Encode()
 }
 
 // dir returns a new directory under the working directory.
@@ -140,7 +173,7 @@ max_queued_messages 200000
 `
 
 // startMosquitto runs a private Mosquitto (see mosquittoConf).
-func (e *env) startMosquitto(ctx context.Context) (*child, string, error) {
+func (e *env) startMosquitto(ctx context.Context) (*proc.Process, string, error) {
 	dir := e.dir("mosquitto")
 	addr, err := freeAddr()
 	if err != nil {
@@ -152,7 +185,7 @@ func (e *env) startMosquitto(ctx context.Context) (*child, string, error) {
 	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
 		return nil, "", err
 	}
-	p, err := startChild("mosquitto", filepath.Join(dir, "mosquitto.log"), e.mosquitto, "-c", conf)
+	p, err := proc.StartTied("mosquitto", filepath.Join(dir, "mosquitto.log"), e.mosquitto, "-c", conf)
 	if err != nil {
 		return nil, "", err
 	}
@@ -172,7 +205,7 @@ func (e *env) startMosquitto(ctx context.Context) (*child, string, error) {
 
 // ctl is a running controller.
 type ctl struct {
-	p      *child
+	p      *proc.Process
 	dir    string
 	api    string
 	broker string
@@ -213,7 +246,7 @@ func (e *env) startController(ctx context.Context, external string, profile bool
 		args = append([]string{profiledControllerCmd, "--cpuprofile", filepath.Join(c.dir, "cpu.prof"),
 			"--memprofile", filepath.Join(c.dir, "heap.prof"), "--"}, args...)
 	}
-	c.p, err = startChild("fleet-controller", filepath.Join(c.dir, "controller.log"), bin, args...)
+	c.p, err = proc.StartTied("fleet-controller", filepath.Join(c.dir, "controller.log"), bin, args...)
 	if err != nil {
 		return nil, err
 	}
@@ -233,6 +266,10 @@ func (e *env) startController(ctx context.Context, external string, profile bool
 	}
 	return c, nil
 }
+
+// directorKey is the controller's director public key file, which every
+// device pins so that it verifies each desired state, as in the field.
+func (c *ctl) directorKey() string { return filepath.Join(c.dir, "data", "keys", "director.pub") }
 
 func (c *ctl) stop() {
 	if err := c.p.Stop(30 * time.Second); err != nil {
@@ -346,20 +383,27 @@ type simProc struct {
 	seen chan struct{}
 }
 
+// simLabels are the simulated devices' labels besides fleet=bench: two
+// regions, twenty sites.
+const simLabels = "region=eu:60,us:40;site=s1..s20"
+
 // startSim runs `fleet sim` with n devices against c, reporting every
 // 200 ms.
 func (e *env) startSim(ctx context.Context, c *ctl, n int, extra ...string) (*simProc, error) {
 	dir := e.dir("sim")
 	args := append([]string{"sim", "--agents", fmt.Sprint(n), "--controller", c.api, "--broker", c.broker,
-		"--labels", "fleet=bench;region=eu:60,us:40;site=s1..s20",
-		"--data", filepath.Join(dir, "data"), "--every", "200ms", "-o", "json", "--log-level", "warn"}, extra...)
+		"--labels", "fleet=bench;" + simLabels,
+		"--data", filepath.Join(dir, "data"), "--every", "200ms", "-o", "json", "--log-level", "warn",
+		"--release-key", e.releaseKey, "--director-key", c.directorKey()}, extra...)
 	logf, err := os.Create(filepath.Join(dir, "sim.log"))
 	if err != nil {
 		return nil, err
 	}
 	cmd := exec.Command(filepath.Join(e.bin, "fleet"), args...)
 	cmd.Stderr = logf
-	cmd.SysProcAttr = childAttr()
+	// Its own process group (a Ctrl-C reaches the benchmark, which stops it
+	// cleanly), and killed if the benchmark dies first, like proc.StartTied.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		logf.Close()
@@ -423,9 +467,12 @@ func (s *simProc) wait(ctx context.Context, timeout time.Duration, what string, 
 	}
 }
 
+// interruptSignal stops `fleet sim` cleanly: each device says offline.
+var interruptSignal = os.Interrupt
+
 // stop interrupts the simulator (it stops its devices cleanly) and waits.
 func (s *simProc) stop() {
-	_ = s.cmd.Process.Signal(os.Interrupt)
+	_ = s.cmd.Process.Signal(interruptSignal)
 	select {
 	case <-s.done:
 	case <-time.After(60 * time.Second):

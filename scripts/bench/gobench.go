@@ -26,6 +26,9 @@ const maxGoBenchOutput = 32 << 20
 
 func (e *env) goBenchmarks(ctx context.Context) ([]goBench, error) {
 	args := []string{"test", "-run", "^$", "-bench", ".", "-benchmem", "-count", strconv.Itoa(e.cfg.goCount), "-timeout", "60m"}
+	if e.cfg.goBenchtime != "" {
+		args = append(args, "-benchtime", e.cfg.goBenchtime)
+	}
 	args = append(args, strings.Fields(e.cfg.goPkgs)...)
 	cmd := exec.CommandContext(ctx, "go", args...)
 	cmd.Dir = e.cfg.root

@@ -18,7 +18,7 @@
 // the controller (the same code, in this binary, with runtime/pprof) shows
 // where the time and memory go.
 //
-//	go run ./scripts/bench [-out BENCHMARKS.md] [-runs 3] [-devices 10000] [-only agent,ingest,rollout,go]
+//	go run ./scripts/bench [-out BENCHMARKS.md] [-runs 3] [-devices 10000] [-only agent,ingest,rollout,go] [-assign]
 //
 // The section it writes is delimited by markers; the rest of BENCHMARKS.md
 // is left as it is.
@@ -49,19 +49,26 @@ func main() {
 
 // config is what the flags set.
 type config struct {
-	out       string
-	runs      int
-	devices   int
-	joinRate  int
-	fallback  int
-	only      map[string]bool
-	goPkgs    string
-	goCount   int
-	mosquitto string
-	brokers   []string
-	keep      bool
-	profile   bool
-	root      string
+	out      string
+	runs     int
+	devices  int
+	joinRate int
+	fallback int
+	only     map[string]bool
+	goPkgs   string
+	goCount  int
+	// goBenchtime is go test's -benchtime for the Go benchmarks.
+	goBenchtime string
+	mosquitto   string
+	brokers     []string
+	keep        bool
+	profile     bool
+	assign      bool
+	// resultsFile keeps the measurements between runs (-results).
+	resultsFile string
+	// rolloutTimeout bounds each rollout of the rollout benchmark.
+	rolloutTimeout time.Duration
+	root           string
 }
 
 // parts are the benchmarks -only picks from.
@@ -72,17 +79,22 @@ func doMain(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&c.out, "out", "BENCHMARKS.md", "file to write the tables into (its bench section is replaced, the rest kept)")
-	fs.IntVar(&c.runs, "runs", 3, "runs of each end-to-end benchmark; the tables show medians")
+	fs.IntVar(&c.runs, "runs", 3, "runs of each end-to-end benchmark (for the rollout: upgrade rollouts of one joined fleet); the tables show medians")
 	fs.IntVar(&c.devices, "devices", 10_000, "simulated devices in the rollout benchmark")
-	fs.IntVar(&c.joinRate, "join-rate", 300, "simulated devices that connect per second before the rollout")
+	fs.IntVar(&c.joinRate, "join-rate", 500, "simulated devices that connect per second while the fleet joins (in steps of 2,000; see joinFleet)")
 	fs.IntVar(&c.fallback, "fallback-devices", 2000, "when no rollout run with -devices finishes, run it with this many devices too, to have figures (0: do not)")
 	only := fs.String("only", strings.Join(parts, ","), "benchmarks to run: "+strings.Join(parts, ","))
 	fs.StringVar(&c.goPkgs, "go-packages", "./...", "packages whose Go benchmarks run")
 	fs.IntVar(&c.goCount, "go-count", 3, "runs of each Go benchmark (-count)")
+	fs.StringVar(&c.goBenchtime, "go-benchtime", "200ms", "go test -benchtime of the Go benchmarks (short, so that make bench stays short; \"\" for go test's 1s)")
 	brokers := fs.String("brokers", "embedded,mosquitto", "brokers to run the ingest and rollout benchmarks against: embedded, mosquitto")
 	fs.StringVar(&c.mosquitto, "mosquitto", "", "mosquitto binary (default: found in PATH or /usr/sbin; without it the Mosquitto runs are skipped and the report says so)")
 	fs.BoolVar(&c.keep, "keep", false, "keep the working directory (logs, profiles) instead of removing it")
 	fs.BoolVar(&c.profile, "profile", false, "also profile the controller when every target is met")
+	fs.DurationVar(&c.rolloutTimeout, "rollout-timeout", 3*time.Minute, "how long one rollout may take before the session stops and reports how far it got")
+	fs.StringVar(&c.resultsFile, "results", filepath.Join(os.TempDir(), "edgefleet-bench-results.json"),
+		"JSON `file` of the measurements: read first, so that the parts this run skips (-only) keep their last figures (with their dates) in the report, and written at the end; \"\" for neither")
+	fs.BoolVar(&c.assign, "assign", false, "also measure the assignment path: one more version assigned to the whole fleet at once")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -171,10 +183,16 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 		Command:   "go run ./scripts/bench " + strings.Join(args, " "),
 		Started:   time.Now().UTC(),
 		Runs:      c.runs,
+		JoinRate:  c.joinRate,
 		LoadStart: loadAverage(),
 	}
 	if os.Getenv("MAKELEVEL") != "" {
 		res.Command = "make bench` (`" + res.Command
+	}
+	if c.resultsFile != "" {
+		if err := res.mergeFrom(c.resultsFile, c.only); err != nil {
+			return err
+		}
 	}
 	log.Info("building binaries")
 	if err := e.build(ctx); err != nil {
@@ -188,37 +206,62 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 		res.Notes = append(res.Notes, "Mosquitto was not found (apt-get install -y mosquitto): its runs were skipped.")
 	}
 	if c.only["agent"] {
+		end := res.timed("agent")
 		log.Info("benchmark: agent binary and idle memory")
 		a, err := e.benchAgent(ctx)
 		if err != nil {
 			return fmt.Errorf("agent benchmark: %w", err)
 		}
 		res.Agent = a
+		end()
 	}
 	if c.only["ingest"] {
+		end := res.timed("ingest")
+		res.Ingest, res.IngestProfile = nil, nil
 		for _, kind := range e.brokers() {
-			log.Info("benchmark: telemetry ingest against raw QoS 1 delivery", "broker", kind)
-			r, err := e.benchIngest(ctx, kind)
-			if err != nil {
-				return fmt.Errorf("ingest benchmark (%s): %w", kind, err)
+			for _, enc := range ingestEncodings {
+				if enc != "plain" && kind != "embedded" {
+					// Compression changes the controller's work, not
+					// the broker's; once is enough to see it.
+					continue
+				}
+				log.Info("benchmark: telemetry ingest against raw QoS 1 delivery", "broker", kind, "encoding", enc)
+				r, err := e.benchIngest(ctx, kind, enc)
+				if err != nil {
+					return fmt.Errorf("ingest benchmark (%s, %s): %w", kind, enc, err)
+				}
+				res.Ingest = append(res.Ingest, r)
 			}
-			res.Ingest = append(res.Ingest, r)
 		}
+		res.evaluate()
+		if c.profile || res.ingestMissed() {
+			log.Info("profiling the controller through one more ingest run")
+			p, err := e.profileIngest(ctx)
+			if err != nil {
+				res.Notes = append(res.Notes, "The profiled ingest run failed: "+err.Error())
+			}
+			res.IngestProfile = p
+		}
+		end()
 	}
 	if c.only["rollout"] {
+		end := res.timed("rollout")
+		res.Rollout, res.Profile = nil, nil
 		for _, kind := range e.brokers() {
 			log.Info("benchmark: rollout", "broker", kind, "devices", c.devices)
-			r, err := e.benchRollout(ctx, kind, c.devices)
-			if err != nil {
-				return fmt.Errorf("rollout benchmark (%s): %w", kind, err)
+			r := e.benchRollout(ctx, kind, c.devices)
+			if ctx.Err() != nil {
+				return ctx.Err()
 			}
 			res.Rollout = append(res.Rollout, r)
 			if len(finished(r.Runs)) == 0 && c.fallback > 0 && c.fallback < c.devices {
 				log.Info("benchmark: rollout, smaller fleet (no run finished)", "broker", kind, "devices", c.fallback)
-				f, err := e.benchRollout(ctx, kind, c.fallback)
-				if err != nil {
-					return fmt.Errorf("rollout benchmark (%s, %d devices): %w", kind, c.fallback, err)
-				}
+				// One upgrade rollout: the smaller fleet is there to have
+				// figures at all, not medians.
+				runs := e.cfg.runs
+				e.cfg.runs = 1
+				f := e.benchRollout(ctx, kind, c.fallback)
+				e.cfg.runs = runs
 				f.Fallback = true
 				res.Rollout = append(res.Rollout, f)
 			}
@@ -229,36 +272,42 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 			return fmt.Errorf("simulator memory benchmark: %w", err)
 		}
 		res.SimMemory = m
-	}
-	res.evaluate()
-	if c.only["rollout"] && (c.profile || res.controllerMissed()) {
-		log.Info("profiling the controller through one more rollout")
-		p, err := e.profileRollout(ctx, c.devices)
-		if err != nil {
-			return fmt.Errorf("profiled run: %w", err)
+		res.evaluate()
+		if c.profile || res.controllerMissed() {
+			log.Info("profiling the controller through one more rollout")
+			// Profile the size that finished: a run that cannot finish
+			// profiles mostly waiting. The per-device costs show at any
+			// size.
+			n := c.devices
+			for _, r := range res.Rollout {
+				if r.Fallback && len(finished(r.Runs)) > 0 {
+					n = r.Devices
+				}
+			}
+			res.Profile = e.profileRollout(ctx, n)
 		}
-		res.Profile = p
-	}
-	if c.only["ingest"] && (c.profile || res.ingestMissed()) {
-		log.Info("profiling the controller through one more ingest run")
-		p, err := e.profileIngest(ctx)
-		if err != nil {
-			res.Notes = append(res.Notes, "The profiled ingest run failed: "+err.Error())
-		}
-		res.IngestProfile = p
+		end()
 	}
 	if c.only["go"] {
+		end := res.timed("go")
 		log.Info("benchmark: go test -bench", "packages", c.goPkgs)
 		g, err := e.goBenchmarks(ctx)
 		if err != nil {
 			res.Notes = append(res.Notes, "Go benchmarks: "+err.Error())
 		}
-		res.Go = g
+		res.Go, res.GoCount, res.GoBenchtime, res.GoPkgs = g, c.goCount, c.goBenchtime, c.goPkgs
+		end()
 	}
+	res.evaluate()
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
 	res.Finished = time.Now().UTC()
 	res.LoadEnd = loadAverage()
+	if c.resultsFile != "" {
+		if err := res.save(c.resultsFile); err != nil {
+			return err
+		}
+	}
 	return writeReport(c.out, res.markdown())
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -18,6 +19,7 @@ type results struct {
 	Command           string
 	Started, Finished time.Time
 	Runs              int
+	JoinRate          int
 	Agent             *agentResult
 	Ingest            []ingestResult
 	Rollout           []rolloutResult
@@ -25,11 +27,100 @@ type results struct {
 	Profile           *controllerProfile
 	IngestProfile     *ingestProfile
 	Go                []goBench
+	GoCount           int
+	GoBenchtime       string
+	GoPkgs            string
 	Notes             []string
 	Targets           []target
 	// LoadStart and LoadEnd are /proc/loadavg's first three fields: other
 	// work on the machine shows there and makes every figure worse.
 	LoadStart, LoadEnd string
+	// Parts says when each part ran ("agent", "ingest", "rollout", "go")
+	// and under which load, since with -results they may come from
+	// different runs.
+	Parts map[string]*partTime
+}
+
+// partTime is when one part of the benchmarks ran.
+type partTime struct {
+	Command            string
+	Started, Finished  time.Time
+	LoadStart, LoadEnd string
+}
+
+// timed records the start of a part; the function it returns records
+// its end.
+func (r *results) timed(part string) func() {
+	if r.Parts == nil {
+		r.Parts = map[string]*partTime{}
+	}
+	p := &partTime{Command: r.Command, Started: time.Now().UTC(), LoadStart: loadAverage()}
+	r.Parts[part] = p
+	return func() { p.Finished, p.LoadEnd = time.Now().UTC(), loadAverage() }
+}
+
+// when renders when a part ran, for its section.
+func (r *results) when(part string) string {
+	p := r.Parts[part]
+	if p == nil {
+		return ""
+	}
+	return fmt.Sprintf("Measured %s to %s UTC by `%s`; load average (1, 5, 15 min) %s at the start, %s at the end.\n\n",
+		p.Started.Format("2006-01-02 15:04"), p.Finished.Format("15:04"), p.Command, p.LoadStart, p.LoadEnd)
+}
+
+// maxResults caps the -results file read back.
+const maxResults = 16 << 20
+
+// mergeFrom takes from a -results file the parts this run does not
+// measure; a missing file is no error.
+func (r *results) mergeFrom(path string, only map[string]bool) error {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if len(data) > maxResults {
+		return fmt.Errorf("-results %s is over %d bytes; is it the right file?", path, maxResults)
+	}
+	var old results
+	if err := json.Unmarshal(data, &old); err != nil {
+		return fmt.Errorf("-results %s: %w; delete it to start afresh", path, err)
+	}
+	keep := func(part string) bool {
+		if only[part] || old.Parts[part] == nil {
+			return false
+		}
+		if r.Parts == nil {
+			r.Parts = map[string]*partTime{}
+		}
+		r.Parts[part] = old.Parts[part]
+		return true
+	}
+	if keep("agent") {
+		r.Agent = old.Agent
+	}
+	if keep("ingest") {
+		r.Ingest, r.IngestProfile = old.Ingest, old.IngestProfile
+	}
+	if keep("rollout") {
+		r.Rollout, r.SimMemory, r.Profile, r.JoinRate = old.Rollout, old.SimMemory, old.Profile, old.JoinRate
+	}
+	if keep("go") {
+		r.Go, r.GoCount, r.GoBenchtime, r.GoPkgs = old.Go, old.GoCount, old.GoBenchtime, old.GoPkgs
+	}
+	return nil
+}
+
+// save writes the measurements for a later -results run.
+func (r *results) save(path string) error {
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, data, 0o644)
 }
 
 // target is one of issue 9's targets and how the run fared.
@@ -61,37 +152,34 @@ func (r *results) evaluate() {
 		r.Targets = append(r.Targets, target{What: what, Goal: goal, Measured: measured, Met: &met, Miss: miss, controller: ctl,
 			ingest: strings.Contains(what, "ingest")})
 	}
-	for _, all := range r.Rollout {
-		if len(all.Runs) == 0 || all.Fallback {
+	for _, ro := range r.Rollout {
+		if ro.Fallback {
 			continue
 		}
-		ro := rolloutResult{Broker: all.Broker, Runs: finished(all.Runs)}
-		if len(ro.Runs) == 0 {
-			add(fmt.Sprintf("%d devices, 4 waves, zero soak (%s broker)", all.Runs[0].Devices, all.Broker), "< 60 s", "did not finish",
-				false, "no run finished: "+all.Runs[0].Err, true)
-			continue
-		}
-		n := ro.Runs[0].Devices
-		engine := ro.Runs[0].Engine
-		wall := medianDur(pick(ro.Runs, func(x rolloutRun) time.Duration { return x.Rollout }))
-		what := fmt.Sprintf("%d devices, 4 waves, zero soak (%s broker)", n, ro.Broker)
-		if !engine {
-			wall = medianDur(pick(ro.Runs, func(x rolloutRun) time.Duration { return x.Assign }))
-			what = fmt.Sprintf("%d devices, assignment path (no rollout engine) (%s broker)", n, ro.Broker)
-		}
-		add(what, "< 60 s", secs(wall), wall < targetRollout, over(wall.Seconds(), targetRollout.Seconds(), "s"), true)
-		if engine {
-			dec := medianDur(pick(ro.Runs, func(x rolloutRun) time.Duration { return maxDur(x.Decisions) }))
-			add(fmt.Sprintf("wave decision latency, worst wave (%s broker)", ro.Broker), "< 1 s", decision(dec), dec < targetDecision,
+		what := func(w string) string { return fmt.Sprintf("%s (%s broker)", w, ro.Broker) }
+		name := fmt.Sprintf("%d devices, 4 waves, zero soak", ro.Devices)
+		rs := finished(ro.Runs)
+		if len(rs) == 0 {
+			why := ro.Err
+			if len(ro.Runs) > 0 {
+				why = ro.Runs[0].Err
+			}
+			add(what(name), "< 60 s", "did not finish", false, "no run finished: "+cell(why), true)
+		} else {
+			wall := medianDur(pick(rs, func(x rolloutRun) time.Duration { return x.Rollout }))
+			add(what(name), "< 60 s", secs(wall), wall < targetRollout, over(wall.Seconds(), targetRollout.Seconds(), "s"), true)
+			dec := medianDur(pick(rs, func(x rolloutRun) time.Duration { return maxDur(x.Decisions) }))
+			add(what("wave decision latency, worst wave"), "< 1 s", decision(dec), dec < targetDecision,
 				over(dec.Seconds(), targetDecision.Seconds(), "s"), true)
 		}
-		peak := median(pick(ro.Runs, func(x rolloutRun) int64 { return x.CtlPeak }))
-		add(fmt.Sprintf("controller peak memory (%s broker)", ro.Broker), "< 1 GiB", mibStr(peak), peak < targetCtlMemory,
-			over(mib(peak), mib(targetCtlMemory), " MiB"), true)
+		if ro.CtlPeak > 0 {
+			add(what("controller peak memory"), "< 1 GiB", mibStr(ro.CtlPeak), ro.CtlPeak < targetCtlMemory,
+				over(mib(ro.CtlPeak), mib(targetCtlMemory), " MiB"), true)
+		}
 	}
 	for _, in := range r.Ingest {
 		ratio := medianFloat(ratios(in))
-		add(fmt.Sprintf("controller ingest / raw QoS 1 delivery (%s broker)", in.Broker), "≥ 0.8×", fmt.Sprintf("%.2f×", ratio),
+		add(fmt.Sprintf("controller ingest / raw QoS 1 delivery (%s broker, %s batches)", in.Broker, in.Encoding), "≥ 0.8×", fmt.Sprintf("%.2f×", ratio),
 			ratio >= targetIngestRatio, under(ratio, targetIngestRatio, "×"), true)
 	}
 	if a := r.Agent; a != nil {
@@ -199,6 +287,18 @@ func decision(d time.Duration) string {
 	}
 	return ms(d)
 }
+
+// rate renders a rate with a k or M suffix.
+func rate(v float64) string {
+	switch {
+	case v >= 1e6:
+		return fmt.Sprintf("%.2fM", v/1e6)
+	case v >= 1e3:
+		return fmt.Sprintf("%.0fk", v/1e3)
+	}
+	return fmt.Sprintf("%.0f", v)
+}
+
 func mibStr(n int64) string { return fmt.Sprintf("%.1f MiB", mib(n)) }
 
 // Markers delimit the section this program owns in BENCHMARKS.md.
@@ -254,7 +354,7 @@ func (r *results) markdown() string {
 	var b strings.Builder
 	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
 	m := r.Machine
-	w("## End-to-end benchmarks\n\n")
+	w("## Issue 9: a simulated fleet at scale, end to end (`make bench`)\n\n")
 	commit := m.Commit
 	if m.Dirty {
 		commit += " with uncommitted changes"
@@ -280,56 +380,68 @@ func (r *results) markdown() string {
 	}
 
 	if len(r.Rollout) > 0 {
-		n := 0
-		for _, ro := range r.Rollout {
-			if len(ro.Runs) > 0 {
-				n = ro.Runs[0].Devices
-			}
-		}
-		w("### Rollout to %d simulated devices\n\n", n)
-		w("`fleet sim --agents %d` (real agent code: MQTT link, reconcile, download, wazero, spool) joins a fresh controller; "+
-			"`%s` 1.0.0 is assigned to every device at once (the assignment path), then 2.0.0 is rolled out with "+
-			"`waves: [%s]`, `soak: 0s`, no gates. Wall time runs from the request to the rollout's success with every device "+
-			"reporting the new version; controller CPU is user+system time over that span; MQTT messages are the PUBLISH "+
-			"packets the simulated devices sent and received per second during the rollout; the wave decision latency is the "+
-			"time from the last device of a wave counting as succeeded to the first device of the next being notified, "+
-			"as seen polling the rollout every %d ms (worst wave of the run).\n\n",
-			n, benchModel, strings.Join(rolloutWaves, ", "), pollEvery.Milliseconds())
-		w("| broker | devices | rollout wall time | controller CPU | wave decision latency (worst) | MQTT messages/s | controller memory idle / peak | assignment to all: wall (controller CPU) | fleet join |\n")
+		w("### Rollout to %d simulated devices\n\n", r.Rollout[0].Devices)
+		w("%s", r.when("rollout"))
+		w("The simulated fleet (`fleet sim`, real agent code: MQTT link, reconcile, download with digest, release signature and "+
+			"director signature checks, wazero, health watch, spool; %d devices per process) joins a fresh controller, %d devices/s "+
+			"within a process and one process after the other, each once the controller lists the last one's devices online (see "+
+			"`joinFleet` in scripts/bench for why). `%s` 1.0.0 is installed by a rollout (first download and compile on every device), "+
+			"then **each run is one upgrade rollout of the same fleet** to the next version (2.0.0, 3.0.0, ...), all with `waves: [%s]`, "+
+			"`soak: 0s`, no gates. Rollout wall time runs from the request until the rollout succeeded and every device reports the "+
+			"new version; controller CPU is its user+system time over that span; MQTT messages are the PUBLISH packets the simulated "+
+			"devices sent and received per second during the rollout; the wave decision latency is the time from the last device of a "+
+			"wave counting as succeeded to the first device of the next being notified, as seen polling the rollout every %d ms (worst "+
+			"wave of the run). Controller memory: resident with the fleet joined, and its peak (VmHWM) over the whole session, join included.\n\n",
+			devicesPerSim, r.JoinRate, benchModel, strings.Join(rolloutWaves, ", "), pollEvery.Milliseconds())
+		w("| broker | devices | upgrade rollout: wall time | controller CPU | wave decision latency (worst) | MQTT messages/s | controller memory idle / peak | install rollout | fleet join |\n")
 		w("|---|---|---|---|---|---|---|---|---|\n")
 		for _, ro := range r.Rollout {
 			rs := finished(ro.Runs)
-			devices := fmt.Sprint(ro.Runs[0].Devices)
+			devices := fmt.Sprint(ro.Devices)
 			if ro.Fallback {
 				devices += " (smaller fleet: no run with the full one finished)"
 			}
-			if len(rs) == 0 {
-				w("| %s | %s | no run finished | | | | | | |\n", ro.Broker, devices)
-				continue
-			}
-			wall, cpu, dec := "no rollout engine", "-", "-"
-			if rs[0].Engine {
+			wall, cpu, dec, msgs := "no run finished", "", "", ""
+			if len(rs) > 0 {
 				wall = secs(medianDur(pick(rs, func(x rolloutRun) time.Duration { return x.Rollout })))
+				if len(rs) < len(ro.Runs) {
+					wall += fmt.Sprintf(" (%d of %d runs finished)", len(rs), len(ro.Runs))
+				}
 				cpu = secs(medianDur(pick(rs, func(x rolloutRun) time.Duration { return x.RolloutCPU })))
 				dec = decision(medianDur(pick(rs, func(x rolloutRun) time.Duration { return maxDur(x.Decisions) })))
+				msgs = fmt.Sprintf("%.0f", medianFloat(pick(rs, func(x rolloutRun) float64 { return x.Messages })))
 			}
-			w("| %s | %s | %s | %s | %s | %.0f | %s / %s | %s (%s) | %s |\n", ro.Broker, devices, wall, cpu, dec,
-				medianFloat(pick(rs, func(x rolloutRun) float64 { return x.Messages })),
-				mibStr(median(pick(rs, func(x rolloutRun) int64 { return x.CtlIdle }))),
-				mibStr(median(pick(rs, func(x rolloutRun) int64 { return x.CtlPeak }))),
-				secs(medianDur(pick(rs, func(x rolloutRun) time.Duration { return x.Assign }))),
-				secs(medianDur(pick(rs, func(x rolloutRun) time.Duration { return x.AssignCPU }))),
-				secs(medianDur(pick(rs, func(x rolloutRun) time.Duration { return x.Join }))))
-		}
-		w("\nEvery run:\n\n| broker | devices | run | rollout | phase | decision latencies | controller CPU | peak memory | assign | join | error |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
-		for _, ro := range r.Rollout {
-			for i, x := range ro.Runs {
-				var decs []string
-				for _, d := range x.Decisions {
-					decs = append(decs, decision(d))
+			install := "-"
+			if ro.Install.Version != "" {
+				install = secs(ro.Install.Rollout)
+				if ro.Install.Err != "" {
+					install += ", did not finish"
 				}
-				w("| %s | %d | %d | %s | %s | %s | %s | %s | %s | %s | %s |\n", ro.Broker, x.Devices, i+1, secs(x.Rollout), x.Phase, strings.Join(decs, ", "),
-					secs(x.RolloutCPU), mibStr(x.CtlPeak), secs(x.Assign), secs(x.Join), cell(x.Err))
+			}
+			w("| %s | %s | %s | %s | %s | %s | %s / %s | %s | %s |\n", ro.Broker, devices, wall, cpu, dec, msgs,
+				mibStr(ro.CtlIdle), mibStr(ro.CtlPeak), install, secs(ro.Join))
+		}
+		w("\nEvery rollout:\n\n| broker | devices | rollout | wall time | phase | decision latencies | controller CPU | MQTT messages/s | error |\n|---|---|---|---|---|---|---|---|---|\n")
+		for _, ro := range r.Rollout {
+			if ro.Install.Version != "" {
+				w("%s", rolloutRow(ro, "install "+ro.Install.Version, ro.Install))
+			}
+			for i, x := range ro.Runs {
+				w("%s", rolloutRow(ro, fmt.Sprintf("run %d: %s", i+1, x.Version), x))
+			}
+			if ro.Err != "" {
+				w("| %s | %d | session | | stopped | | | | %s |\n", ro.Broker, ro.Devices, cell(ro.Err))
+			}
+			if ro.Dropped > 0 {
+				w("| %s | %d | session | | | | | | the embedded broker dropped %d device messages for the controller's session (over mochi's in-flight limit) |\n",
+					ro.Broker, ro.Devices, ro.Dropped)
+			}
+			if ro.Assign > 0 {
+				a := fmt.Sprintf("%s, controller CPU %s", secs(ro.Assign), secs(ro.AssignCPU))
+				if ro.AssignErr != "" {
+					a = "did not finish: " + cell(ro.AssignErr)
+				}
+				w("| %s | %d | assignment path (every device at once) | %s | | | | | |\n", ro.Broker, ro.Devices, a)
 			}
 		}
 		w("\n")
@@ -337,37 +449,62 @@ func (r *results) markdown() string {
 
 	if len(r.Ingest) > 0 {
 		w("### Telemetry ingest against raw QoS 1 delivery\n\n")
-		w("%d simulated devices (MQTT clients in scripts/bench) send %d sealed telemetry batches each (%d inference records; the same "+
-			"payloads in both phases), QoS 1, each device keeping at most %d batches unanswered, as the agent's telemetry sender does. "+
-			"Raw: a batch is answered when one subscriber on the same broker, which does nothing else, has received it. Ingest: when "+
-			"the controller has decoded it, stored it (SQLite, exactly once by device, spool epoch and sequence) and its ack has reached "+
-			"the device; the controller's `edgefleet_controller_telemetry_batches_total` must agree. Both phases run in the same run, on "+
-			"the same broker, one after the other.\n\n", ingestPublishers, ingestBatches, ingestRecords, ingestWindow)
-		w("| broker | messages | payload | raw delivery | controller ingest | ingest / raw |\n|---|---|---|---|---|---|\n")
+		w("%s", r.when("ingest"))
+		w("%d devices (MQTT clients in scripts/bench) send %d sealed telemetry batches each (%d inference records a batch, the "+
+			"agent's spool batch; plain `TelemetryBatch` or zstd-compressed `telemetry_zstd`; the same payloads in both phases), QoS 1, "+
+			"each device keeping at most %d batches unanswered, as the agent's telemetry sender does. Raw: a batch is answered when one "+
+			"subscriber on the same broker, which does nothing else, has received it. Ingest: when the `fleet-controller` process has "+
+			"decoded it, stored it (SQLite, exactly once by device, spool epoch and sequence) and its ack has reached the device; the "+
+			"controller's `edgefleet_controller_telemetry_batches_total` must agree. Both phases run in the same run, on the same broker, "+
+			"one after the other; an ingest phase is cut at %s and its rate taken over what was acknowledged by then.\n\n",
+			ingestPublishers, ingestBatches, ingestRecords, ingestWindow, ingestMaxPhase)
+		w("| broker | batches | batch on the wire | raw delivery | controller ingest | ingest / raw (per run) |\n|---|---|---|---|---|---|\n")
 		for _, in := range r.Ingest {
-			w("| %s | %d | %d B | %.0f msg/s | %.0f batches/s (%.0f records/s) | %.2f× |\n", in.Broker, in.Messages, in.PayloadBytes,
-				medianFloat(in.Raw), medianFloat(in.Ingest), medianFloat(in.Ingest)*ingestRecords, medianFloat(ratios(in)))
+			var per []string
+			for _, x := range ratios(in) {
+				per = append(per, fmt.Sprintf("%.2f", x))
+			}
+			capped := ""
+			if in.Capped > 0 {
+				capped = fmt.Sprintf(" (%d of %d runs cut at %s)", in.Capped, len(in.Ingest), ingestMaxPhase)
+			}
+			w("| %s, %s | %d | %d B | %s records/s | %s records/s%s | **%.2f×** (%s) |\n", in.Broker, in.Encoding, in.Messages, in.PayloadBytes,
+				rate(medianFloat(in.Raw)), rate(medianFloat(in.Ingest)), capped, medianFloat(ratios(in)), strings.Join(per, ", "))
 		}
 		w("\n")
 	}
 
 	if r.Agent != nil || r.SimMemory != nil {
-		w("### Agent\n\n| what | measured |\n|---|---|\n")
+		w("### Agent\n\n")
+		if r.Agent != nil {
+			w("%s", r.when("agent"))
+		}
+		w("| what | measured |\n|---|---|\n")
 		if a := r.Agent; a != nil {
 			w("| `fleet-agent` binary (CGO_ENABLED=0, -trimpath, -ldflags '-s -w') | %s, static: %v |\n", mibStr(a.BinaryBytes), a.Static)
 			for _, im := range a.Idle {
-				w("| idle resident memory (VmRSS), serving %s (%s module), %s after 20 inferences | %s |\n",
-					im.Model, sizeStr(im.ModuleSize), idleSettle, mibStr(median(im.RSS)))
+				split := ""
+				if len(im.Anon) > 0 {
+					split = fmt.Sprintf(" (anonymous %s: Go heap and stacks, wazero's compiled code, SQLite's cache; file-backed %s: the binary's pages in use)",
+						mibStr(median(im.Anon)), mibStr(median(im.File)))
+				}
+				w("| idle resident memory (VmRSS), serving %s (%s module), %s after 20 inferences | %s%s |\n",
+					im.Model, sizeStr(im.ModuleSize), idleSettle, mibStr(median(im.RSS)), split)
 			}
 		}
 		if s := r.SimMemory; s != nil && s.Large > 0 {
-			w("| memory per simulated device: simulator RSS / devices, at %d devices | %.0f KiB |\n", s.Large, float64(s.LargeRSS)/float64(s.Large)/1024)
-			if s.Large > s.Small && s.SmallRSS > 0 {
-				w("| memory per simulated device, marginal: (RSS at %d − RSS at %d) / %d | %.0f KiB |\n", s.Large, s.Small, s.Large-s.Small,
-					float64(s.LargeRSS-s.SmallRSS)/float64(s.Large-s.Small)/1024)
-			}
+			w("| memory per simulated device: simulators' RSS / devices, %d devices in %d processes, each running one model | %.0f KiB |\n",
+				s.Large, s.LargeProcs, float64(s.LargeRSS)/float64(s.Large)/1024)
+		}
+		if s := r.SimMemory; s != nil && s.Small > 0 && s.SmallRSS > 0 {
+			w("| memory per simulated device: simulator RSS / devices, %d devices in one process, each running one model | %.0f KiB |\n",
+				s.Small, float64(s.SmallRSS)/float64(s.Small)/1024)
 		}
 		w("\n")
+		if a := r.Agent; a != nil && len(a.BySize) > 0 {
+			w("Where the agent binary's bytes go (symbol sizes from `go tool nm -size` of the same build with its symbol table, by module):\n\n```\n%s\n```\n\n",
+				strings.Join(a.BySize, "\n"))
+		}
 		if s := r.SimMemory; s != nil && len(s.Top) > 0 {
 			w("Where a simulated device's memory goes (heap in use, `fleet sim --memprofile`, %d devices, each running one model):\n\n```\n%s\n```\n\n", s.Small, strings.Join(s.Top, "\n"))
 		}
@@ -375,9 +512,14 @@ func (r *results) markdown() string {
 
 	if p := r.Profile; p != nil {
 		w("### Where the controller's time and memory go\n\n")
-		w("One more embedded-broker run with %d devices, the controller under runtime/pprof (the same code as `fleet-controller`, "+
-			"built into scripts/bench): CPU profiled from the fleet's join to the end of the run (rollout %s, controller CPU in the rollout %s%s), "+
-			"heap in use at the end.\n\n", p.Devices, secs(p.Run.Rollout), secs(p.Run.RolloutCPU), errNote(p.Run.Err))
+		run := rolloutRun{Err: p.Session.Err}
+		if len(p.Session.Runs) > 0 {
+			run = p.Session.Runs[0]
+		}
+		w("One more embedded-broker session with %d devices and one upgrade rollout, the controller under runtime/pprof (the same code as "+
+			"`fleet-controller`, built into scripts/bench): CPU profiled from the fleet's join to the end of the session (join %s, install "+
+			"rollout %s, upgrade rollout %s with %s of controller CPU%s; peak resident memory %s), heap in use at the end.\n\n",
+			p.Devices, secs(p.Session.Join), secs(p.Session.Install.Rollout), secs(run.Rollout), secs(run.RolloutCPU), errNote(run.Err), mibStr(p.Session.CtlPeak))
 		if len(p.CPU) > 0 {
 			w("CPU:\n\n```\n%s\n```\n\n", strings.Join(p.CPU, "\n"))
 		}
@@ -388,12 +530,19 @@ func (r *results) markdown() string {
 
 	if p := r.IngestProfile; p != nil && len(p.CPU) > 0 {
 		w("### Where the controller's time goes in telemetry ingest\n\n")
-		w("The ingest phase once more on the embedded broker, the controller under runtime/pprof, CPU profiled over the phase (%.0f batches/s):\n\n```\n%s\n```\n\n",
+		w("The ingest phase once more on the embedded broker (plain batches), the controller under runtime/pprof, CPU profiled over the phase (%.0f records/s):\n\n```\n%s\n```\n\n",
 			p.Rate, strings.Join(p.CPU, "\n"))
 	}
 
 	if len(r.Go) > 0 {
-		w("### Go benchmarks\n\n`go test -run '^$' -bench . -benchmem -count N` over the repository; medians.\n\n")
+		bt := ""
+		if r.GoBenchtime != "" {
+			bt = " -benchtime " + r.GoBenchtime
+		}
+		w("### Go benchmarks\n\n%s", r.when("go"))
+		w("The hot paths' own benchmarks, every package, in one command: `go test -run '^$' -bench . -benchmem -count %d%s %s` "+
+			"(`go run ./scripts/bench -only go` runs it and rewrites this section); medians of the %d runs. The sections of the issues above "+
+			"explain each benchmark and give longer runs.\n\n", r.GoCount, bt, r.GoPkgs, r.GoCount)
 		w("| package | benchmark | ns/op | B/op | allocs/op | other |\n|---|---|---|---|---|---|\n")
 		for _, g := range r.Go {
 			var other []string
@@ -421,6 +570,20 @@ func (r *results) markdown() string {
 		w("\n")
 	}
 	return b.String()
+}
+
+// rolloutRow is one line of the every-rollout table.
+func rolloutRow(ro rolloutResult, what string, x rolloutRun) string {
+	var decs []string
+	for _, d := range x.Decisions {
+		decs = append(decs, decision(d))
+	}
+	phase := x.Phase
+	if x.Err != "" {
+		phase += fmt.Sprintf(" (%d of %d devices on %s when the bench stopped waiting)", x.Done, ro.Devices, x.Version)
+	}
+	return fmt.Sprintf("| %s | %d | %s | %s | %s | %s | %s | %.0f | %s |\n", ro.Broker, ro.Devices, what, secs(x.Rollout), phase,
+		strings.Join(decs, ", "), secs(x.RolloutCPU), x.Messages, cell(x.Err))
 }
 
 func errNote(err string) string {

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -17,20 +19,52 @@ import (
 // gates, so the figures are the controller's and the fleet's own speed.
 var rolloutWaves = []string{"25%", "50%", "75%", "100%"}
 
-// rolloutRun is one run of the rollout benchmark.
-type rolloutRun struct {
+// rolloutResult is the rollout benchmark against one broker: one fleet
+// joins one controller, gets its first model by an install rollout, then
+// goes through the measured upgrade rollouts, one per run.
+type rolloutResult struct {
+	Broker  string
 	Devices int
-	// Join is how long the simulated fleet took to start and say hello.
+	// Fallback marks a smaller fleet, run because no run with the asked
+	// size finished; it is not judged against the targets.
+	Fallback bool
+	// Join is how long the fleet took to start and be listed online by
+	// the controller (the bench paces it, see joinFleet).
 	Join time.Duration
-	// Assign is the assignment path: one model assigned to every device
-	// at once, until every device runs it.
-	Assign    time.Duration
-	AssignCPU time.Duration
-	// Rollout is POST /v1/rollouts until the rollout succeeded and every
-	// device runs the new version; Engine is false when the controller
-	// has no rollout API (then only the assignment path is measured).
-	Engine     bool
-	Phase      string
+	// Install is the first rollout, 1.0.0 onto the fresh fleet in the
+	// same four waves: every device downloads, verifies, compiles and
+	// loads a model for the first time.
+	Install rolloutRun
+	// Runs are the measured rollouts: version k+1 replacing version k.
+	Runs []rolloutRun
+	// Assign is the assignment path (with -assign): a further version
+	// assigned to every device at once (no waves, no download cap), until
+	// every device runs it; AssignErr says why it did not finish.
+	Assign, AssignCPU time.Duration
+	AssignErr         string
+	// CtlIdle is the controller's resident memory with the fleet joined;
+	// CtlPeak its peak resident memory over the whole session (join
+	// included).
+	CtlIdle, CtlPeak int64
+	// SimRSS is the simulators' resident memory with every device running
+	// 1.0.0, idle.
+	SimRSS int64
+	// Dropped counts the messages the embedded broker dropped for the
+	// controller's own session, over its in-flight limit (mochi logs
+	// each): device messages the controller never saw.
+	Dropped int
+	// Err says why the session stopped early; the figures are what was
+	// measured until then.
+	Err string
+}
+
+// rolloutRun is one rollout of the benchmark.
+type rolloutRun struct {
+	Version string
+	Phase   string
+	// Rollout runs from POST /v1/rollouts until the rollout succeeded and
+	// every device reports the new version active; RolloutCPU is the
+	// controller's CPU time over the same span.
 	Rollout    time.Duration
 	RolloutCPU time.Duration
 	// Decisions are, per wave after the first, the time from the last
@@ -40,58 +74,47 @@ type rolloutRun struct {
 	// Messages is the rate of MQTT PUBLISH packets the simulated devices
 	// sent and received during the rollout.
 	Messages float64
-	// CtlIdle is the controller's resident memory with the fleet joined;
-	// CtlPeak its peak resident memory over the whole run.
-	CtlIdle, CtlPeak int64
-	// SimRSS is the simulator's resident memory with every device running
-	// the first model, idle.
-	SimRSS int64
-	// Err says why the run did not finish; its other figures are what
-	// was measured until then.
+	// Done is how many devices ran the new version when the bench stopped
+	// waiting: all of them, unless the rollout did not finish.
+	Done int
+	// Err says why the rollout did not finish.
 	Err string
-}
-
-// rolloutResult is every run against one broker.
-type rolloutResult struct {
-	Broker string
-	Runs   []rolloutRun
-	// Fallback marks the runs with a smaller fleet, made because none
-	// with the asked size finished; they are not judged against the
-	// targets.
-	Fallback bool
 }
 
 // pollEvery is how often the rollout's status is read.
 const pollEvery = 50 * time.Millisecond
 
-func (e *env) benchRollout(ctx context.Context, kind string, n int) (rolloutResult, error) {
-	res := rolloutResult{Broker: kind}
-	for run := range e.cfg.runs {
-		r, err := e.rolloutRun(ctx, kind, n, false, nil)
-		if ctx.Err() != nil {
-			return res, ctx.Err()
-		}
-		if err != nil {
-			// A run that does not finish is a result too: the report
-			// says where it stopped.
-			r.Err = err.Error()
-			e.log.Error("rollout run failed", "broker", kind, "run", run+1, "err", err)
-		}
-		res.Runs = append(res.Runs, r)
-		e.log.Info("rollout", "broker", kind, "run", run+1, "devices", n, "join", r.Join.Round(time.Millisecond),
-			"assign", r.Assign.Round(time.Millisecond), "rollout", r.Rollout.Round(time.Millisecond), "phase", r.Phase,
-			"decisions", r.Decisions, "ctl_cpu", r.RolloutCPU, "ctl_peak_mib", int(mib(r.CtlPeak)), "msgs_per_s", int(r.Messages))
+// versions are the benchmark model's versions a session uses: 1.0.0 to
+// install, one more per run, one more for the assignment path.
+func (c config) versions() []string {
+	var v []string
+	for i := range c.runs + 2 {
+		v = append(v, fmt.Sprintf("%d.0.0", i+1))
 	}
-	return res, nil
+	return v
 }
 
-// rolloutRun runs a fresh broker, controller and simulated fleet: the
-// fleet joins, model 1.0.0 is assigned to all (the assignment path), then
-// 2.0.0 is rolled out in four waves. With profiled, the controller runs
-// under runtime/pprof, its CPU profiled from the join to the end of the
-// run; then prof receives the directory holding the profiles.
-func (e *env) rolloutRun(ctx context.Context, kind string, n int, profiled bool, prof func(dir string)) (rolloutRun, error) {
-	r := rolloutRun{Devices: n}
+// benchRollout runs one session against a fresh broker and controller.
+func (e *env) benchRollout(ctx context.Context, kind string, n int) rolloutResult {
+	res, err := e.rolloutSession(ctx, kind, n, false, nil)
+	if err != nil {
+		// A session that does not finish is a result too: the report
+		// says where it stopped.
+		res.Err = err.Error()
+		e.log.Error("rollout session stopped", "broker", kind, "devices", n, "err", err)
+	}
+	return res
+}
+
+// rolloutSession runs a fresh broker, controller and simulated fleet: the
+// fleet joins, 1.0.0 is installed by a rollout, then each run rolls out
+// the next version, and with -assign one more version is assigned to
+// every device at once (the assignment path). With profiled, the
+// controller runs under runtime/pprof, its CPU profiled from the join to
+// the end of the session; then prof receives the directory holding the
+// profiles.
+func (e *env) rolloutSession(ctx context.Context, kind string, n int, profiled bool, prof func(dir string)) (r rolloutResult, err error) {
+	r.Broker, r.Devices = kind, n
 	external := ""
 	if kind == "mosquitto" {
 		m, url, err := e.startMosquitto(ctx)
@@ -106,14 +129,21 @@ func (e *env) rolloutRun(ctx context.Context, kind string, n int, profiled bool,
 		return r, err
 	}
 	defer c.stop()
-	if err := c.pushModels(ctx, e.models[benchModel+"@1.0.0"], e.models[benchModel+"@2.0.0"]); err != nil {
+	defer func() {
+		_, r.CtlPeak, _ = memory(c.p.Pid())
+		r.Dropped = countLines(c.p.Log, "client store quota reached")
+	}()
+	var bundles [][]byte
+	for _, v := range e.cfg.versions() {
+		bundles = append(bundles, e.models[benchModel+"@"+v])
+	}
+	if err := c.pushModels(ctx, bundles...); err != nil {
 		return r, err
 	}
-
 	if profiled {
 		// Profile from the join on: at scale the join is where the
 		// controller works hardest. The heap profile is written at the
-		// end, finished or not.
+		// end.
 		_ = syscall.Kill(c.p.Pid(), syscall.SIGUSR1)
 		defer func() {
 			_ = syscall.Kill(c.p.Pid(), syscall.SIGUSR2)
@@ -123,84 +153,112 @@ func (e *env) rolloutRun(ctx context.Context, kind string, n int, profiled bool,
 			}
 		}()
 	}
+
 	start := time.Now()
-	s, err := e.startSim(ctx, c, n, "--start-rate", fmt.Sprint(e.cfg.joinRate))
-	if err != nil {
-		return r, err
+	s, err := e.joinFleet(ctx, c, n)
+	if s != nil {
+		defer s.stop()
 	}
-	defer s.stop()
-	joinTimeout := 2*time.Minute + time.Duration(n)*time.Millisecond
-	if _, err := s.wait(ctx, joinTimeout, "every device to join", func(st simStatus) bool { return st.Joined == n }); err != nil {
-		return r, err
+	if err != nil {
+		return r, fmt.Errorf("join: %w", err)
 	}
 	r.Join = time.Since(start)
-	if err := c.waitOnline(ctx, n, joinTimeout); err != nil {
-		return r, err
-	}
 	r.CtlIdle, _, _ = memory(c.p.Pid())
+	e.log.Info("fleet joined", "broker", kind, "devices", n, "took", r.Join.Round(time.Millisecond), "ctl_rss_mib", int(mib(r.CtlIdle)))
 
-	// The assignment path.
+	versions := e.cfg.versions()
+	r.Install = e.rollout(ctx, c, s, n, versions[0])
+	e.log.Info("install rollout", "broker", kind, "version", versions[0], "took", r.Install.Rollout.Round(time.Millisecond), "phase", r.Install.Phase)
+	if r.Install.Err != "" {
+		return r, fmt.Errorf("install rollout: %s", r.Install.Err)
+	}
+	// Let the fleet settle (acks, state reports) before measuring and
+	// before reading the simulators' memory.
+	sleep(ctx, 5*time.Second)
+	r.SimRSS = s.memory()
+	for i := range e.cfg.runs {
+		x := e.rollout(ctx, c, s, n, versions[i+1])
+		r.Runs = append(r.Runs, x)
+		e.log.Info("rollout", "broker", kind, "run", i+1, "version", x.Version, "devices", n, "took", x.Rollout.Round(time.Millisecond),
+			"phase", x.Phase, "decisions", x.Decisions, "ctl_cpu", x.RolloutCPU, "msgs_per_s", int(x.Messages), "err", x.Err)
+		if ctx.Err() != nil {
+			return r, ctx.Err()
+		}
+		if x.Err != "" {
+			// A rollout that did not finish (in -rollout-timeout) leaves
+			// the fleet mid-way; the next would not start from the same
+			// place, nor fare better.
+			return r, fmt.Errorf("rollout of %s did not finish; the session stops", x.Version)
+		}
+		sleep(ctx, 3*time.Second)
+	}
+	if e.cfg.assign {
+		e.assignAll(ctx, c, s, n, versions[len(versions)-1], &r)
+	}
+	return r, nil
+}
+
+// rollout rolls version out to the fleet in the benchmark's four waves
+// and waits until every device runs it.
+func (e *env) rollout(ctx context.Context, c *ctl, s *simFleet, n int, version string) rolloutRun {
+	f := rolloutRun{Version: version}
+	spec := map[string]any{
+		"name":     fmt.Sprintf("bench-%s-%d", strings.ReplaceAll(version, ".", "-"), time.Now().UnixNano()%1_000_000),
+		"selector": "fleet=bench", "model": benchModel + "@" + version,
+		"strategy": map[string]any{"waves": rolloutWaves, "soak": "0s", "gates": []any{}},
+	}
+	msgs0, t0 := s.status(), time.Now()
+	cpu0, _ := cpuTime(c.p.Pid())
+	var created apiRollout
+	if _, err := c.call(ctx, http.MethodPost, "/v1/rollouts", spec, &created); err != nil {
+		f.Err = err.Error()
+		return f
+	}
+	want := benchModel + "@" + version
+	st, decisions, err := c.followRollout(ctx, created.ID, e.cfg.rolloutTimeout)
+	f.Phase, f.Decisions = st.Phase, decisions
+	if err == nil {
+		_, err = s.wait(ctx, time.Minute, "every device to run "+want, func(st simStatus) bool { return st.Running[want] == n })
+	}
+	t1 := time.Now()
+	f.Rollout = t1.Sub(t0)
+	cpu1, _ := cpuTime(c.p.Pid())
+	f.RolloutCPU = cpu1 - cpu0
+	final := s.status()
+	f.Done = final.Running[want]
+	f.Messages = float64(final.Published+final.Received-msgs0.Published-msgs0.Received) / t1.Sub(t0).Seconds()
+	if err != nil {
+		f.Err = err.Error()
+	}
+	return f
+}
+
+// assignAll measures the assignment path: version assigned to every
+// device at once. It does not fail the session: at scale it is where the
+// controller's limits show first, and the report says so.
+func (e *env) assignAll(ctx context.Context, c *ctl, s *simFleet, n int, version string, r *rolloutResult) {
 	cpu0, _ := cpuTime(c.p.Pid())
 	t0 := time.Now()
-	if _, err := c.client.Assign(ctx, client.Assignment{Model: benchModel, Version: "1.0.0", Selector: "fleet=bench"}); err != nil {
-		return r, err
-	}
-	want1 := benchModel + "@1.0.0"
-	if _, err := s.wait(ctx, 10*time.Minute, "every device to run "+want1, func(st simStatus) bool { return st.Running[want1] == n }); err != nil {
-		return r, err
+	want := benchModel + "@" + version
+	_, err := c.client.Assign(ctx, client.Assignment{Model: benchModel, Version: version, Selector: "fleet=bench"})
+	if err == nil {
+		_, err = s.wait(ctx, 5*time.Minute, "every device to run "+want, func(st simStatus) bool { return st.Running[want] == n })
 	}
 	r.Assign = time.Since(t0)
 	cpu1, _ := cpuTime(c.p.Pid())
 	r.AssignCPU = cpu1 - cpu0
-	// Let the fleet settle (acks, state reports) before the next step and
-	// before reading the simulator's memory.
-	sleep(ctx, 5*time.Second)
-	r.SimRSS, _, _ = memory(s.pid())
-
-	// The rollout.
-	spec := map[string]any{
-		"name": fmt.Sprintf("bench-%d", time.Now().UnixNano()%1_000_000), "selector": "fleet=bench", "model": benchModel + "@2.0.0",
-		"strategy": map[string]any{"waves": rolloutWaves, "soak": "0s", "gates": []any{}},
-	}
-	msgs0 := s.status()
-	cpu0, _ = cpuTime(c.p.Pid())
-	t0 = time.Now()
-	var created apiRollout
-	code, err := c.call(ctx, http.MethodPost, "/v1/rollouts", spec, &created)
-	if code == http.StatusNotFound || code == http.StatusMethodNotAllowed {
-		_, r.CtlPeak, _ = memory(c.p.Pid())
-		return r, nil // no rollout engine: the assignment path is the figure
-	}
 	if err != nil {
-		return r, err
+		r.AssignErr = err.Error()
+		e.log.Warn("assignment path did not finish", "devices", n, "err", err)
 	}
-	r.Engine = true
-	st, decisions, err := c.followRollout(ctx, created.ID, 10*time.Minute)
-	r.Phase = st.Phase
-	if err != nil {
-		return r, err
-	}
-	want2 := benchModel + "@2.0.0"
-	final, err := s.wait(ctx, time.Minute, "every device to run "+want2, func(st simStatus) bool { return st.Running[want2] == n })
-	if err != nil && r.Phase == "succeeded" {
-		return r, err
-	}
-	r.Rollout = time.Since(t0)
-	cpu1, _ = cpuTime(c.p.Pid())
-	r.RolloutCPU = cpu1 - cpu0
-	r.Decisions = decisions
-	if dt := final.UpSeconds - msgs0.UpSeconds; dt > 0 {
-		r.Messages = float64(final.Published+final.Received-msgs0.Published-msgs0.Received) / dt
-	}
-	_, r.CtlPeak, _ = memory(c.p.Pid())
-	return r, nil
 }
 
-// waitOnline waits until the controller lists n online devices.
-func (c *ctl) waitOnline(ctx context.Context, n int, timeout time.Duration) error {
+// waitOnline waits until the controller lists n online devices matching
+// selector.
+func (c *ctl) waitOnline(ctx context.Context, selector string, n int, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
-		devs, err := c.client.Devices(ctx, "fleet=bench")
+		devs, err := c.client.Devices(ctx, selector)
 		online := 0
 		for _, d := range devs {
 			if d.Online {
@@ -211,7 +269,8 @@ func (c *ctl) waitOnline(ctx context.Context, n int, timeout time.Duration) erro
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("the controller lists %d of %d devices online (%v)", online, n, err)
+			return fmt.Errorf("after %s the controller lists %d of %d devices (%s) online (%v); its broker may have dropped their hellos (see its log)",
+				timeout, online, n, selector, err)
 		}
 		sleep(ctx, time.Second)
 	}
@@ -294,30 +353,24 @@ func sleep(ctx context.Context, d time.Duration) {
 // simMemory is the simulator's resident memory at two fleet sizes.
 type simMemory struct {
 	Small, Large       int      // devices
-	SmallRSS, LargeRSS int64    // median resident memory
+	LargeProcs         int      // fleet sim processes of the Large fleet (Small is one)
+	SmallRSS, LargeRSS int64    // resident memory, all processes
 	Top                []string // where the memory goes: heap profile top, at Small devices
 }
 
 // benchSimMemory reads the simulator's memory at the rollout benchmark's
-// size (from its runs on the embedded broker) and at a tenth of it, whose
-// heap it also profiles.
+// size (from its session on the embedded broker) and at a tenth of it, in
+// one process, whose heap it also profiles.
 func (e *env) benchSimMemory(ctx context.Context, rollouts []rolloutResult) (*simMemory, error) {
 	m := &simMemory{}
 	// The largest fleet measured on the embedded broker, from the runs
 	// that got as far as reading the simulator's memory.
 	for _, r := range rollouts {
-		var rss []int64
-		devices := 0
-		for _, run := range r.Runs {
-			if run.SimRSS > 0 {
-				devices = run.Devices
-				rss = append(rss, run.SimRSS)
-			}
-		}
-		if r.Broker == "embedded" && devices > m.Large {
-			m.Large, m.LargeRSS = devices, median(rss)
+		if r.Broker == "embedded" && r.SimRSS > 0 && r.Devices > m.Large {
+			m.Large, m.LargeRSS = r.Devices, r.SimRSS
 		}
 	}
+	m.LargeProcs = (m.Large + devicesPerSim - 1) / devicesPerSim
 	m.Small = max(1, m.Large/10)
 	c, err := e.startController(ctx, "", false)
 	if err != nil {
@@ -336,7 +389,7 @@ func (e *env) benchSimMemory(ctx context.Context, rollouts []rolloutResult) (*si
 	if _, err := s.wait(ctx, 5*time.Minute, "every device to join", func(st simStatus) bool { return st.Joined == m.Small }); err != nil {
 		return nil, err
 	}
-	if err := c.waitOnline(ctx, m.Small, 2*time.Minute); err != nil {
+	if err := c.waitOnline(ctx, "fleet=bench", m.Small, 2*time.Minute); err != nil {
 		return nil, err
 	}
 	if _, err := c.client.Assign(ctx, client.Assignment{Model: benchModel, Version: "1.0.0", Selector: "fleet=bench"}); err != nil {
@@ -351,13 +404,18 @@ func (e *env) benchSimMemory(ctx context.Context, rollouts []rolloutResult) (*si
 	if err != nil {
 		return nil, err
 	}
-	m.Top = pprofTop(ctx, prof, "inuse_space", 12)
+	m.Top = pprofTop(ctx, prof, "inuse_space", 12, false)
 	return m, nil
 }
 
-// pprofTop returns the top lines of `go tool pprof -top` for a profile.
-func pprofTop(ctx context.Context, profile, index string, n int) []string {
+// pprofTop returns the top lines of `go tool pprof -top` for a profile,
+// sorted by cumulative share with cum (where the time goes, call chains
+// included) or by own share.
+func pprofTop(ctx context.Context, profile, index string, n int, cum bool) []string {
 	args := []string{"tool", "pprof", "-top", fmt.Sprintf("-nodecount=%d", n)}
+	if cum {
+		args = append(args, "-cum")
+	}
 	if index != "" {
 		args = append(args, "-sample_index="+index)
 	}
@@ -385,22 +443,44 @@ func pprofTop(ctx context.Context, profile, index string, n int) []string {
 // CPU and what its heap held at the end.
 type controllerProfile struct {
 	Devices int
-	Run     rolloutRun
+	Session rolloutResult
 	CPU     []string
 	Heap    []string
 }
 
-// profileRollout runs the embedded-broker rollout once more with the
-// controller under runtime/pprof.
-func (e *env) profileRollout(ctx context.Context, n int) (*controllerProfile, error) {
+// profileRollout runs the embedded-broker session once more, with one
+// measured rollout, and the controller under runtime/pprof.
+func (e *env) profileRollout(ctx context.Context, n int) *controllerProfile {
 	p := &controllerProfile{Devices: n}
-	run, err := e.rolloutRun(ctx, "embedded", n, true, func(dir string) {
-		p.CPU = pprofTop(ctx, filepath.Join(dir, "cpu.prof"), "", 20)
-		p.Heap = pprofTop(ctx, filepath.Join(dir, "heap.prof"), "inuse_space", 15)
+	cfg := e.cfg
+	e.cfg.runs = 1
+	defer func() { e.cfg = cfg }()
+	res, err := e.rolloutSession(ctx, "embedded", n, true, func(dir string) {
+		p.CPU = pprofTop(ctx, filepath.Join(dir, "cpu.prof"), "", 30, true)
+		p.Heap = pprofTop(ctx, filepath.Join(dir, "heap.prof"), "inuse_space", 15, false)
 	})
-	p.Run = run
+	p.Session = res
 	if err != nil {
-		p.Run.Err = err.Error()
+		p.Session.Err = err.Error()
 	}
-	return p, nil
+	return p
+}
+
+// countLines counts the lines of a log file holding substr; 0 when the
+// file cannot be read.
+func countLines(path, substr string) int {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0
+	}
+	defer f.Close()
+	n := 0
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		if strings.Contains(sc.Text(), substr) {
+			n++
+		}
+	}
+	return n
 }

@@ -111,6 +111,10 @@ func TestSimulatedFleet(t *testing.T) {
 		Agents:      50, Broker: f.broker, Controller: f.api, Labels: labels, Seed: 7,
 		Rate: 2, Offline: 0.2, Failing: 0.3, FailModel: "fraud-score@1.1.0",
 		DataDir: filepath.Join(f.dir, "sim"), MaxBackoff: 2 * time.Second, RetryMin: 200 * time.Millisecond,
+		// Every desired state is checked against the controller's key;
+		// the bundles of this test are unsigned.
+		DirectorKeys:  []string{filepath.Join(f.dir, "controller", "keys", "director.pub")},
+		AllowUnsigned: true,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -11,6 +11,12 @@
 //
 // Flags win over EDGEFLEET_* environment variables, which win over the
 // --config YAML file. SIGINT or SIGTERM stops it cleanly.
+//
+// Run as a service, it runs under its own watchdog, which restores the
+// previous binary when an agent release does not prove itself (see
+// agent/README.md and scripts/systemd/fleet-agent.service):
+//
+//	fleet-agent supervise -- --id pos-17 --broker ssl://ctl:8883 ...
 package main
 
 import (
@@ -25,6 +31,7 @@ import (
 	"syscall"
 
 	"github.com/edgefleet/edgefleet/agent"
+	"github.com/edgefleet/edgefleet/agent/update"
 )
 
 func main() {
@@ -34,10 +41,16 @@ func main() {
 	os.Exit(code)
 }
 
+// reexec replaces the process; a variable so tests can see the call.
+var reexec = update.Exec
+
 // doMain runs the agent with args and the environment getenv, logging to
 // stderr, and returns the process exit code: 0 after a clean stop, 1 when
 // the agent failed, 2 for bad configuration.
 func doMain(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "supervise" {
+		return superviseMain(ctx, args[1:], getenv, stderr)
+	}
 	for _, a := range args {
 		if a == "--version" || a == "-version" {
 			fmt.Fprintln(stderr, "fleet-agent", agent.Version)
@@ -52,8 +65,56 @@ func doMain(ctx context.Context, args []string, getenv func(string) string, stde
 		fmt.Fprintf(stderr, "fleet-agent: %v\n", err)
 		return 2
 	}
+	if err := update.DieWithSupervisor(); err != nil {
+		fmt.Fprintf(stderr, "fleet-agent: %v; exiting\n", err)
+		return 1
+	}
+	switch testBehavior {
+	case "exit":
+		fmt.Fprintln(stderr, "fleet-agent: TEST BUILD (testBehavior=exit): exiting at start")
+		return 3
+	case "noconnect":
+		fmt.Fprintln(stderr, "fleet-agent: TEST BUILD (testBehavior=noconnect): never connecting")
+		cfg.Broker = "tcp://127.0.0.1:9"
+	}
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: cfg.SlogLevel()}))
-	if err := agent.Run(ctx, cfg, agent.Options{Logger: log}); err != nil {
+	exe, err := executable()
+	if err != nil {
+		log.Warn("self-update off", "err", err)
+	}
+	// The local endpoint's socket is made here, or inherited from the
+	// process this one replaced, so it can outlive a self-update's exec.
+	// If that fails, the agent tries again itself, after its other checks,
+	// and reports it.
+	opts := agent.Options{Logger: log, Executable: exe}
+	ln, dup, lerr := update.Listen(cfg.Listen)
+	if lerr == nil {
+		opts.Listener = ln
+	}
+	err = agent.Run(ctx, cfg, opts)
+	if lerr == nil && !errors.Is(err, agent.ErrRestart) {
+		ln.Close() // closed already unless the agent stopped before serving
+		if dup != nil {
+			dup.Close()
+		}
+	}
+	if errors.Is(err, agent.ErrRestart) {
+		// The new binary is in place and the agent stopped cleanly: become
+		// it, handing over the listening socket.
+		log.Info("re-executing the new agent binary", "exe", exe)
+		if perr := update.PassListener(dup); perr != nil {
+			log.Warn("the new binary opens its own socket", "err", perr)
+		}
+		err = reexec(exe, append([]string{os.Args[0]}, args...))
+		log.Error("cannot execute the new agent binary; exiting so the watchdog restores the previous one", "err", err)
+		return 1
+	}
+	if err != nil {
+		if errors.Is(err, agent.ErrNoKeys) {
+			// Configuration, not a failure: say it plainly, without a log line.
+			fmt.Fprintf(stderr, "fleet-agent: %v\n", err)
+			return 2
+		}
 		log.Error("agent failed", "err", err)
 		return 1
 	}

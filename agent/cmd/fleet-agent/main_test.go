@@ -43,6 +43,8 @@ func TestDoMainExitCodes(t *testing.T) {
 		{"version", []string{"--version"}, 0, agent.Version},
 		{"bad flag", []string{"--nope"}, 2, "flag provided but not defined"},
 		{"bad config", []string{"--broker", "nonsense"}, 2, "broker:"},
+		{"no keys", []string{"--data", t.TempDir(), "--id", "k"}, 2, "--allow-unsigned"},
+		{"no director key", []string{"--data", t.TempDir(), "--id", "k", "--release-key", "r.pub"}, 2, "no director key"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -72,7 +74,7 @@ func TestDoMainRunsAndStops(t *testing.T) {
 	var stderr syncBuffer
 	done := make(chan int)
 	go func() {
-		done <- doMain(ctx, []string{"--data", t.TempDir(), "--listen", addr, "--id", "cmd-test", "--broker", "tcp://" + brokerAddr}, noEnv, &stderr)
+		done <- doMain(ctx, []string{"--data", t.TempDir(), "--listen", addr, "--id", "cmd-test", "--broker", "tcp://" + brokerAddr, "--allow-unsigned"}, noEnv, &stderr)
 	}()
 	deadline := time.Now().Add(30 * time.Second)
 	for !strings.Contains(stderr.String(), `msg="agent ready" id=cmd-test listen=`+addr) {

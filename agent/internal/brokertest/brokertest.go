@@ -75,6 +75,9 @@ type Message struct {
 	Retained bool
 	Env      *pb.Envelope
 	Raw      []byte
+	// Compressed is set for a telemetry batch that came as
+	// telemetry_zstd; Env then holds it decompressed, as Env.Telemetry.
+	Compressed bool
 }
 
 // Controller is a paho client playing the controller's side.
@@ -108,6 +111,14 @@ func (b *Broker) Controller(t testing.TB) *Controller {
 			if err != nil {
 				t.Errorf("controller got a malformed message on %s: %v", m.Topic(), err)
 				return
+			}
+			if z, ok := env.GetBody().(*pb.Envelope_TelemetryZstd); ok {
+				b, err := wire.DecompressBatch(z.TelemetryZstd)
+				if err != nil {
+					t.Errorf("controller got a bad compressed batch on %s: %v", m.Topic(), err)
+					return
+				}
+				env.Body, msg.Compressed = &pb.Envelope_Telemetry{Telemetry: b}, true
 			}
 			msg.Env = env
 		}

@@ -28,6 +28,19 @@ type Process struct {
 
 // Start runs bin with args, its stdout and stderr appended to logPath.
 func Start(name, logPath, bin string, args ...string) (*Process, error) {
+	return start(name, logPath, bin, false, args)
+}
+
+// StartTied is Start for a child that must not outlive this process: the
+// kernel kills it (SIGKILL) when the parent dies, even when the parent is
+// killed outright and runs no cleanup. The benchmarks use it: a forgotten
+// controller or simulator holding thousands of sockets would skew every
+// later run on the machine.
+func StartTied(name, logPath, bin string, args ...string) (*Process, error) {
+	return start(name, logPath, bin, true, args)
+}
+
+func start(name, logPath, bin string, tied bool, args []string) (*Process, error) {
 	if err := os.MkdirAll(filepath.Dir(logPath), 0o755); err != nil {
 		return nil, err
 	}
@@ -40,6 +53,9 @@ func Start(name, logPath, bin string, args ...string) (*Process, error) {
 	// Own process group, so a Ctrl-C in the terminal reaches the parent
 	// only, and the parent stops the children in order.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if tied {
+		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	}
 	if err := cmd.Start(); err != nil {
 		log.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
