@@ -132,7 +132,10 @@ func simLabels(t *testing.T, spec string) sim.Labels {
 	return l
 }
 
-// waitRollout polls the rollout until cond holds.
+// waitRollout polls the rollout until cond holds. Callers give generous
+// timeouts: with the whole e2e package running in parallel under -race on
+// two cores, one wave of 10 simulated devices once took over 2 minutes to
+// activate the Go-built test model.
 func (f *rolloutFleet) waitRollout(id, what string, timeout time.Duration, cond func(*client.Rollout) bool) *client.Rollout {
 	f.t.Helper()
 	var r *client.Rollout
@@ -293,7 +296,7 @@ func TestRolloutFlakyVersionRollsBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := f.waitRollout("flaky", "rolled back", 2*time.Minute, func(r *client.Rollout) bool { return r.Phase == "rolled-back" })
+	r := f.waitRollout("flaky", "rolled back", 4*time.Minute, func(r *client.Rollout) bool { return r.Phase == "rolled-back" })
 	if r.Waves[0].State != "failed" || r.Waves[1].Steps["pending"] != r.Waves[1].Size || r.Failures == 0 {
 		t.Fatalf("rollout = %+v", r)
 	}
@@ -348,7 +351,7 @@ func TestRolloutSlowVersionStoppedByLatencyGate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := f.waitRollout("slow", "stopped", 2*time.Minute, func(r *client.Rollout) bool { return r.Finished() })
+	r := f.waitRollout("slow", "stopped", 4*time.Minute, func(r *client.Rollout) bool { return r.Finished() })
 	if r.Phase != "rolled-back" || r.Waves[0].State != "failed" || !strings.Contains(r.Reason, "latency") {
 		t.Fatalf("rollout = %+v", r)
 	}
@@ -391,7 +394,7 @@ func TestRolloutOfflineDevices(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, c := range []struct{ id, step string }{{"skip", "skipped"}, {"fail", "timed-out"}} {
-		r := f.waitRollout(c.id, "succeeded", 2*time.Minute, func(r *client.Rollout) bool { return r.Finished() })
+		r := f.waitRollout(c.id, "succeeded", 4*time.Minute, func(r *client.Rollout) bool { return r.Finished() })
 		unreachable := 0
 		for _, d := range f.steps(c.id) {
 			if a := f.sim.Agent(d.Device); !a.Online() {
@@ -430,7 +433,7 @@ func TestRolloutApprovalWaits(t *testing.T) {
 	if code, out, stderr := f.fleetCmd(30*time.Second, "rollout", "approve", "gated"); code != 0 || !strings.Contains(out, "running") {
 		t.Fatalf("approve: %d %s %s", code, out, stderr)
 	}
-	f.waitRollout("gated", "succeeded", 2*time.Minute, func(r *client.Rollout) bool { return r.Phase == "succeeded" })
+	f.waitRollout("gated", "succeeded", 4*time.Minute, func(r *client.Rollout) bool { return r.Phase == "succeeded" })
 }
 
 // TestRolloutControllerSIGKILL kills the controller with SIGKILL at 10
