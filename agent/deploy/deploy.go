@@ -74,6 +74,7 @@ import (
 	"time"
 
 	"github.com/edgefleet/edgefleet/agent/fetch"
+	"github.com/edgefleet/edgefleet/agent/internal/durable"
 	"github.com/edgefleet/edgefleet/models/host"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 	"golang.org/x/sync/errgroup"
@@ -433,7 +434,7 @@ func (m *Manager) accept(ctx context.Context, sd *pb.SignedDesiredState) {
 			gen, time.UnixMilli(iss).UTC().Format(time.RFC3339), m.o.ClockSkew, now.UTC().Format(time.RFC3339)))
 		return
 	}
-	if err := atomicWrite(filepath.Join(m.o.DataDir, DesiredFile), raw); err != nil {
+	if err := durable.WriteFile(filepath.Join(m.o.DataDir, DesiredFile), raw); err != nil {
 		// Not acted on: acting on a state we could not record would
 		// resume a different convergence after a restart.
 		m.noteError(fmt.Sprintf("cannot persist desired state generation %d: %v", gen, err))
@@ -443,7 +444,7 @@ func (m *Manager) accept(ctx context.Context, sd *pb.SignedDesiredState) {
 	}
 	// desired.pb holds the generation too; the separate file keeps it when
 	// desired.pb is lost or unreadable, so a failure here is only logged.
-	if err := atomicWrite(filepath.Join(m.o.DataDir, GenerationFile), []byte(strconv.FormatUint(gen, 10)+"\n")); err != nil {
+	if err := durable.WriteFile(filepath.Join(m.o.DataDir, GenerationFile), []byte(strconv.FormatUint(gen, 10)+"\n")); err != nil {
 		m.log.Error("cannot persist the accepted generation", "generation", gen, "err", err)
 		m.noteError(fmt.Sprintf("cannot persist generation %d: %v", gen, err))
 	}

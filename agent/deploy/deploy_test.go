@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/edgefleet/edgefleet/agent/internal/durable"
 	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/models/host"
 	"github.com/edgefleet/edgefleet/models/modeltest"
@@ -636,7 +637,7 @@ func TestLoadLoopGuard(t *testing.T) {
 	// As if the agent had accepted generation 2 and died loading v2.
 	die := func(attempts int) {
 		raw, _ := proto.Marshal(signed("dev-1", 2, v2))
-		if err := atomicWrite(filepath.Join(f.dir, DesiredFile), raw); err != nil {
+		if err := durable.WriteFile(filepath.Join(f.dir, DesiredFile), raw); err != nil {
 			t.Fatal(err)
 		}
 		st, err := readState(filepath.Join(f.dir, StateFile))

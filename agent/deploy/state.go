@@ -7,9 +7,9 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 
 	"github.com/edgefleet/edgefleet/agent/fetch"
+	"github.com/edgefleet/edgefleet/agent/internal/durable"
 )
 
 // File names under the data directory.
@@ -196,36 +196,5 @@ func writeState(path string, st *State) error {
 	if err != nil {
 		return err
 	}
-	return atomicWrite(path, append(data, '\n'))
-}
-
-// atomicWrite replaces path with data so that a power cut leaves either
-// the old file or the new one: write a temp file, fsync it, rename it over
-// path, fsync the directory.
-func atomicWrite(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
+	return durable.WriteFile(path, append(data, '\n'))
 }

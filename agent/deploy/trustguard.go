@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/edgefleet/edgefleet/agent/internal/durable"
 	"github.com/edgefleet/edgefleet/models/bundle"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 	"github.com/edgefleet/edgefleet/proto/trust"
@@ -230,7 +231,7 @@ func (g *TrustGuard) saveLocked() error {
 	if err := os.MkdirAll(g.DataDir, 0o755); err != nil {
 		return fmt.Errorf("version floors: %w", err)
 	}
-	return atomicWrite(filepath.Join(g.DataDir, FloorsFile), b)
+	return durable.WriteFile(filepath.Join(g.DataDir, FloorsFile), b)
 }
 
 // DecodeFloors parses floors.json.
@@ -601,7 +602,7 @@ func (g *TrustGuard) applyLocked(s *pb.SignedKeyAnnouncement, a *pb.KeyAnnouncem
 	// Persisted before used: a power cut after this point keeps the
 	// rotation, one before it loses it and the retained chain brings it
 	// again.
-	if err := atomicWrite(filepath.Join(g.DataDir, TrustFile), b); err != nil {
+	if err := durable.WriteFile(filepath.Join(g.DataDir, TrustFile), b); err != nil {
 		return fmt.Errorf("%s key announcement %d: cannot save %s: %w; free disk space on the device", name, a.GetSequence(), TrustFile, err)
 	}
 	g.keys = st

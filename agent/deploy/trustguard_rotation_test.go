@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/edgefleet/edgefleet/agent/internal/durable"
 	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/models/modeltest"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
@@ -116,7 +117,7 @@ func TestKeyRotation(t *testing.T) {
 	// recognised when the broker redelivers it.
 	accepted := doc(k0, 4)
 	raw, _ := proto.MarshalOptions{Deterministic: true}.Marshal(accepted)
-	if err := atomicWrite(filepath.Join(dir, DesiredFile), raw); err != nil {
+	if err := durable.WriteFile(filepath.Join(dir, DesiredFile), raw); err != nil {
 		t.Fatal(err)
 	}
 	if err := g.CheckDesired(accepted); err != nil {

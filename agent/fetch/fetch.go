@@ -23,6 +23,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/edgefleet/edgefleet/agent/internal/durable"
 	"github.com/edgefleet/edgefleet/models/bundle"
 )
 
@@ -106,7 +107,7 @@ func (s *Store) Fetch(ctx context.Context, url, digest string, size int64) (stri
 	if err := os.Rename(part, final); err != nil {
 		return "", fmt.Errorf("bundle store: %w", err)
 	}
-	syncDir(s.Dir)
+	durable.SyncDir(s.Dir) // best effort: the file itself was synced
 	return final, nil
 }
 
@@ -267,13 +268,4 @@ func verify(path, digest string, size int64) error {
 		return fmt.Errorf("%w: got %d bytes with sha256 %s, want %d bytes with %s", ErrDigestMismatch, n, got, size, digest)
 	}
 	return nil
-}
-
-// syncDir makes a rename in dir durable; best effort, since not every
-// filesystem supports syncing a directory.
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
 }

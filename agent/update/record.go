@@ -48,6 +48,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/edgefleet/edgefleet/agent/internal/durable"
 )
 
 // RecordFile is the record's file name in the data directory.
@@ -165,7 +167,7 @@ func WriteRecord(dataDir string, r *Record) error {
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}
-		syncDir(dataDir)
+		durable.SyncDir(dataDir)
 		return nil
 	}
 	r.Layout, r.Compat = recordLayout, 1
@@ -173,42 +175,7 @@ func WriteRecord(dataDir string, r *Record) error {
 	if err != nil {
 		return err
 	}
-	return writeAtomic(path, append(b, '\n'))
-}
-
-// writeAtomic replaces path with data so that a power cut leaves the old
-// file or the new one: temporary file, fsync, rename, fsync the directory.
-func writeAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return durable.WriteFile(path, append(b, '\n'))
 }
 
 // ReadFloor returns the agent's version floor ("" when none is stored).
@@ -227,5 +194,5 @@ func ReadFloor(dataDir string) (string, error) {
 }
 
 func writeFloor(dataDir, v string) error {
-	return writeAtomic(filepath.Join(dataDir, FloorFile), []byte(v+"\n"))
+	return durable.WriteFile(filepath.Join(dataDir, FloorFile), []byte(v+"\n"))
 }

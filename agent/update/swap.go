@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/minio/selfupdate"
+
+	"github.com/edgefleet/edgefleet/agent/internal/durable"
 )
 
 // OldPath is where the previous binary is kept beside exe.
@@ -56,7 +58,7 @@ func swapIn(exe string) error {
 	if err := os.Rename(newPath(exe), exe); err != nil {
 		return fmt.Errorf("swap in the new binary: %w", err)
 	}
-	return syncDir(filepath.Dir(exe))
+	return durable.SyncDir(filepath.Dir(exe))
 }
 
 // restoreOld puts NAME.old back as NAME, keeping NAME.old.
@@ -80,7 +82,7 @@ func replaceWith(src, dst, tmp string) error {
 		os.Remove(tmp)
 		return fmt.Errorf("rename %s to %s: %w", tmp, dst, err)
 	}
-	return syncDir(filepath.Dir(dst))
+	return durable.SyncDir(filepath.Dir(dst))
 }
 
 func copyFile(src, dst string) error {

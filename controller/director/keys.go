@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/edgefleet/edgefleet/controller/internal/durable"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 	"github.com/edgefleet/edgefleet/proto/trust"
 	"github.com/edgefleet/edgefleet/proto/wire"
@@ -323,7 +324,7 @@ func (d *Director) saveChain(chain *pb.KeyAnnouncements) error {
 		os.Remove(tmp)
 		return fmt.Errorf("key announcements %s: %w", path, err)
 	}
-	syncDir(d.keys.dir)
+	durable.SyncDir(d.keys.dir)
 	return nil
 }
 
@@ -373,7 +374,7 @@ func finishRotation(dir string) error {
 	if err := os.Rename(next, cur); err != nil {
 		return fmt.Errorf("director key rotation: %w; move %s to %s by hand", err, next, cur)
 	}
-	syncDir(dir)
+	durable.SyncDir(dir)
 	priv, err := trust.ReadPrivateKey(cur)
 	if err != nil {
 		return err
@@ -391,7 +392,7 @@ func finishRotation(dir string) error {
 	if err := os.Rename(tmp, pubPath); err != nil {
 		return fmt.Errorf("director public key %s: %w", pubPath, err)
 	}
-	syncDir(dir)
+	durable.SyncDir(dir)
 	return nil
 }
 
@@ -408,11 +409,4 @@ func writeSynced(path string, data []byte, mode os.FileMode) error {
 		err = cerr
 	}
 	return err
-}
-
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
 }

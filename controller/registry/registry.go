@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"regexp"
 
+	"github.com/edgefleet/edgefleet/controller/internal/durable"
 	"github.com/edgefleet/edgefleet/controller/store"
 	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/proto/release"
@@ -87,23 +88,7 @@ func (r *Registry) writeArtifact(digest string, data []byte) error {
 	if fi, err := os.Stat(path); err == nil && fi.Size() == int64(len(data)) {
 		return nil
 	}
-	f, err := os.CreateTemp(r.dir, digest+".*.part")
-	if err != nil {
-		return fmt.Errorf("store artifact %s: %w", digest, err)
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
+	if err := durable.WriteFile(path, data); err != nil {
 		return fmt.Errorf("store artifact %s: %w", digest, err)
 	}
 	return nil

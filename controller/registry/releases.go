@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/edgefleet/edgefleet/controller/internal/durable"
 	"github.com/edgefleet/edgefleet/controller/store"
 	"github.com/edgefleet/edgefleet/proto/release"
 )
@@ -81,7 +82,7 @@ func (r *Registry) PushRelease(ctx context.Context, doc []byte, bin io.Reader) (
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return Release{}, false, fmt.Errorf("store agent release: %w", err)
 	}
-	if err := writeFileAtomic(path, doc); err != nil {
+	if err := durable.WriteFile(path, doc); err != nil {
 		return Release{}, false, fmt.Errorf("store agent release %s %s: %w", m.Version, m.Platform(), err)
 	}
 	_, _, err = r.store.PutModel(ctx, store.Model{
@@ -141,28 +142,6 @@ func checkBinary(m release.Manifest, w io.Writer, bin io.Reader) error {
 		return fmt.Errorf("%w: the binary's sha256 is %s but the signed manifest pins %s; sign the binary you upload", release.ErrInvalid, got, m.SHA256)
 	}
 	return nil
-}
-
-func writeFileAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*.tmp")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-	}
-	return err
 }
 
 func (r *Registry) readRelease(path string) (Release, error) {

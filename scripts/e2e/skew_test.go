@@ -110,6 +110,15 @@ func TestClockSkew(t *testing.T) {
 		t.Fatalf("connect %s: %v", f.broker, tok.Error())
 	}
 	defer spy.Disconnect(250)
+	// The offers below are not retained: wait for the agent's hello, which
+	// it sends only once its subscriptions are in place.
+	f.eventually("agent online", 30*time.Second, func() (bool, string) {
+		d, err := f.client.Device(context.Background(), id)
+		if err != nil {
+			return false, err.Error()
+		}
+		return d.Online, "not online yet"
+	})
 	const validFor = time.Hour
 	skew := deploy.DefaultClockSkew
 	offer := func(gen uint64, agentAhead time.Duration) {
