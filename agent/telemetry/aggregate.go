@@ -54,20 +54,22 @@ import (
 const DefaultInterval = time.Minute
 
 // LatencyBoundsUs are the inner bucket bounds of every latency histogram,
-// in microseconds: the Renard R5 series (1, 1.6, 2.5, 4, 6.3 per decade)
-// from 1 µs to 100 s, 41 bounds. Each bucket is about 1.6 times as wide as
-// the one before, so a percentile read from the histogram is off by at most
-// that factor (less with interpolation), from a microsecond model to a
-// stuck one. They never change: changing them would make old and new
-// aggregates unmergeable.
+// in microseconds: the Renard R20 series (1, 1.12, 1.25, ... 9 per decade)
+// from 1 µs to 100 s, 161 bounds. Each bucket is about 1.12 times as wide
+// as the one before, so a percentile read from the histogram is within
+// about 6 % of the true value, from a microsecond model to a stuck one.
+// The rollout's latency gate compares percentiles against ratios such as
+// 1.5: an earlier R5 series (buckets 1.6 times wide) was coarser than the
+// ratio it had to judge. Histograms merge only on equal bounds, so these
+// stay fixed once agents ship.
 var LatencyBoundsUs = latencyBounds()
 
 func latencyBounds() []float64 {
 	var b []float64
 	for p := 1; p < 1e8; p *= 10 {
-		for _, m := range []int{10, 16, 25, 40, 63} {
-			// m*p/10 divided in float is the correctly rounded decimal.
-			b = append(b, float64(m*p)/10)
+		for _, m := range []int{100, 112, 125, 140, 160, 180, 200, 224, 250, 280, 315, 355, 400, 450, 500, 560, 630, 710, 800, 900} {
+			// m*p/100 divided in float is the correctly rounded decimal.
+			b = append(b, float64(m*p)/100)
 		}
 	}
 	return append(b, 1e8)

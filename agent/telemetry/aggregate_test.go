@@ -137,7 +137,7 @@ func TestAggregator(t *testing.T) {
 		}
 	}
 	lat := cur.GetLatencyUs()
-	if len(lat.GetBounds()) != 41 || lat.GetBounds()[0] != 1 || lat.GetBounds()[40] != 1e8 {
+	if len(lat.GetBounds()) != 161 || lat.GetBounds()[0] != 1 || lat.GetBounds()[160] != 1e8 {
 		t.Fatalf("latency bounds %v", lat.GetBounds())
 	}
 	// 40 µs is in [40, 63), 2 ms in [1600, 2500), 3 s in [2.5e6, 4e6).
