@@ -288,7 +288,7 @@ func TestAgentEndToEnd(t *testing.T) {
 		t.Fatalf("after a failed deployment: %+v", r)
 	}
 	ctl.WaitFor(10*time.Second, "degraded state", state(func(s *pb.ReportedState) bool {
-		return s.GetHealth() == pb.Health_HEALTH_DEGRADED && s.GetSlots()[0].GetPending().GetVersion() == "1.1.0" && s.GetDesiredGeneration() == 2
+		return s.GetHealth() == pb.Health_HEALTH_DEGRADED && len(s.GetSlots()) > 0 && s.GetSlots()[0].GetPending().GetVersion() == "1.1.0" && s.GetDesiredGeneration() == 2
 	}))
 
 	// A stale generation is refused.
