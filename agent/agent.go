@@ -23,7 +23,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"runtime"
 	"slices"
 	"sync"
@@ -31,6 +30,7 @@ import (
 	"time"
 
 	"github.com/edgefleet/edgefleet/agent/deploy"
+	"github.com/edgefleet/edgefleet/agent/internal/memtrim"
 	"github.com/edgefleet/edgefleet/agent/link"
 	"github.com/edgefleet/edgefleet/agent/localapi"
 	"github.com/edgefleet/edgefleet/agent/spool"
@@ -113,6 +113,16 @@ type Options struct {
 	// returns ErrRestart for main to re-execute it. Empty (embedded
 	// agents, the simulator): agent releases are ignored.
 	Executable string
+	// RestartTrace, if set, times a self-update's restart: Run marks its
+	// start-up and shutdown steps in it, and logs it at the first answer
+	// after an exec (see selfupdate.go). Nil: nothing is timed.
+	RestartTrace *update.Trace
+	// TrimIdle, if positive, gives memory the process does not use back to
+	// the system once the agent has had no inference and no deployment
+	// change for this long (agent/internal/memtrim). The trim is
+	// process-wide: fleet-agent sets it from Config.TrimAfter; a process
+	// that embeds agents (the simulator) leaves it zero.
+	TrimIdle time.Duration
 }
 
 // ErrRestart is returned by Run when the agent's binary was replaced by a
@@ -163,6 +173,7 @@ type Agent struct {
 	link   *link.Link
 
 	upd       *update.Updater // nil without Options.Executable
+	traceOpen atomic.Bool     // a restart trace waits for the first answer
 	statePoke chan struct{}
 	cmds      chan *pb.Command
 	// agg folds inferences into interval aggregates (records.go); set by
@@ -171,6 +182,7 @@ type Agent struct {
 	samples, samplesSkipped atomic.Uint64
 	guard                   deploy.Guard
 	rot                     *keyRotation
+	trim                    *memtrim.Trimmer // nil unless Options.TrimIdle
 
 	mu       sync.Mutex
 	lastSent *pb.ReportedState
@@ -189,6 +201,7 @@ func New(cfg Config, o Options) (*Agent, error) {
 		o.StateInterval = 10 * time.Second
 	}
 	a := &Agent{cfg: cfg, o: o, log: o.Logger.With("device", cfg.ID), statePoke: make(chan struct{}, 1), cmds: make(chan *pb.Command, 16), rot: newKeyRotation()}
+	a.trim = memtrim.New(o.TrimIdle, a.log)
 	loader := o.Loader
 	if loader == nil && o.Host != nil {
 		loader = deploy.HostLoader(o.Host)
@@ -250,7 +263,11 @@ func (a *Agent) infer(ctx context.Context, name, version string, in []tensor.Ten
 	if errors.Is(err, deploy.ErrNoModel) {
 		return res, err
 	}
+	if err == nil && a.traceOpen.Load() {
+		a.traceAnswered()
+	}
 	a.recordInference(at, res, in, err)
+	a.trim.Busy()
 	return res, err
 }
 
@@ -287,28 +304,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("data directory %s: %w; set --data to a writable directory", cfg.Data, err)
 	}
 
-	a.spool = o.Spool
-	if a.spool == nil {
-		db, err := openSpool(ctx, filepath.Join(cfg.Data, SpoolFile), cfg)
-		if err != nil {
-			return err
-		}
-		defer db.Close()
-		a.spool = db
-	}
-	var err error
-
-	if a.own != nil {
-		a.own.h, err = host.New(ctx, host.Options{CacheDir: filepath.Join(cfg.Data, CacheDir), Logger: log})
-		if err != nil {
-			return err
-		}
-		defer a.own.h.Close(context.WithoutCancel(ctx))
-	}
-
-	// Models are closed last, after everything that may call them.
-	defer a.mgr.Close(context.WithoutCancel(ctx))
-	if err := a.mgr.Restore(ctx); err != nil {
+	// The spool, the host and the models (restored from disk) come up
+	// together (selfupdate.go: they stand between a self-update's exec
+	// and its first answer), and are closed together, after everything
+	// that may call them.
+	db, err := a.openParts(ctx)
+	defer a.closeParts(context.WithoutCancel(ctx), db)
+	if err != nil {
 		return err
 	}
 
@@ -340,6 +342,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		addr = ln.Addr().String()
 		srv := &http.Server{Handler: a.api.Handler(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+		a.traceServing()
 		g.Go(func() error {
 			if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
 				return fmt.Errorf("local endpoint: %w", err)
@@ -348,9 +351,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		})
 		g.Go(func() error {
 			<-gctx.Done()
+			a.traceStopping()
 			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 			defer cancel()
-			return srv.Shutdown(sctx)
+			err := srv.Shutdown(sctx)
+			o.RestartTrace.Mark(update.StepServingStopped)
+			return err
 		})
 	}
 	o.Logger.Info("agent ready", "id", cfg.ID, "listen", addr, "version", Version, "models_active", a.mgr.Ready())
@@ -372,10 +378,18 @@ func (a *Agent) Run(ctx context.Context) error {
 	g.Go(func() error { return a.commandLoop(gctx) })
 	if a.upd != nil {
 		a.offerRelease()
-		g.Go(func() error { return a.upd.Run(gctx) })
+		g.Go(func() error {
+			err := a.upd.Run(gctx)
+			if errors.Is(err, update.ErrRestart) {
+				o.RestartTrace.Mark(update.StepRestartOrdered)
+			}
+			return err
+		})
 	}
 	g.Go(func() error { return a.keysLoop(gctx) })
+	g.Go(func() error { return a.trim.Run(gctx) })
 	err = g.Wait()
+	o.RestartTrace.Mark(update.StepStopped)
 	log.Info("agent stopped")
 	return err
 }
@@ -431,6 +445,7 @@ func (a *Agent) sayHello(ctx context.Context) {
 // Event publishes a deployment event, or spools it when offline so the
 // controller still learns of it through telemetry.
 func (a *Agent) Event(ctx context.Context, ev *pb.Event) {
+	a.trim.Busy()
 	if a.queue.Load() == nil {
 		a.log.Warn("event before the agent runs; dropped", "kind", ev.GetKind())
 		return
@@ -449,6 +464,7 @@ func (a *Agent) Event(ctx context.Context, ev *pb.Event) {
 
 // StateChanged schedules a state report. It never blocks.
 func (a *Agent) StateChanged() {
+	a.trim.Busy()
 	a.offerRelease()
 	select {
 	case a.statePoke <- struct{}{}:

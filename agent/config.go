@@ -85,6 +85,18 @@ type Config struct {
 	// report healthy before the watchdog (fleet-agent supervise) restores
 	// the previous binary, when the rollout sets none. Zero: 60s.
 	UpdateDeadline time.Duration `yaml:"update_deadline"`
+	// TrimAfter is how long fleet-agent waits without inferences or
+	// deployment changes before it gives memory it does not use back to the
+	// system: the heap's free pages and the pages of its binary that only
+	// start-up and compiles ran (agent/internal/memtrim). Zero turns that
+	// off. Process-wide: only fleet-agent applies it (Options.TrimIdle), not
+	// agents embedded in another process.
+	TrimAfter time.Duration `yaml:"trim_after"`
+	// MemoryLimit is the Go runtime's soft memory limit in bytes
+	// (debug.SetMemoryLimit): near it, garbage collection runs more often
+	// to stay under it. Zero leaves the runtime's default (GOMEMLIMIT, or
+	// no limit). Process-wide: only fleet-agent applies it.
+	MemoryLimit uint64 `yaml:"memory_limit"`
 }
 
 // Defaults.
@@ -94,6 +106,13 @@ const (
 	DefaultController = "http://127.0.0.1:8080"
 	DefaultListen     = "127.0.0.1:8181"
 	DefaultLogLevel   = "info"
+	// DefaultTrimAfter is the default TrimAfter: long enough that an agent
+	// serving steady traffic never trims, short enough that one that
+	// serves in bursts gives its memory back between them.
+	DefaultTrimAfter = 5 * time.Second
+	// MinMemoryLimit is the smallest MemoryLimit: below it an idle agent
+	// is already over it and collects garbage without pause.
+	MinMemoryLimit = 16 << 20
 )
 
 // maxConfigFile caps the YAML file; a real one is a few hundred bytes.
@@ -113,6 +132,7 @@ func DefaultConfig() Config {
 
 		AggregateInterval:    telemetry.DefaultInterval,
 		TelemetryCompression: "auto",
+		TrimAfter:            DefaultTrimAfter,
 	}
 }
 
@@ -191,6 +211,12 @@ func (c Config) Validate() error {
 	if c.UpdateDeadline < 0 || (c.UpdateDeadline > 0 && c.UpdateDeadline < time.Second) {
 		errs = append(errs, fmt.Errorf("update_deadline: %s is too short for a restart; use at least 1s (default 60s)", c.UpdateDeadline))
 	}
+	if c.TrimAfter < 0 {
+		errs = append(errs, fmt.Errorf("trim_after: %s is negative; use 0 (never trim) or a duration such as 5s", c.TrimAfter))
+	}
+	if c.MemoryLimit != 0 && c.MemoryLimit < MinMemoryLimit {
+		errs = append(errs, fmt.Errorf("memory_limit: %d bytes is below what an idle agent uses; use 0 (the Go runtime's default) or at least %d", c.MemoryLimit, MinMemoryLimit))
+	}
 	if c.SpoolMaxRecords < 100 {
 		errs = append(errs, fmt.Errorf("spool_max_records: %d is too small; use at least 100 (default %d)", c.SpoolMaxRecords, spool.DefaultMaxRecords))
 	}
@@ -247,7 +273,7 @@ func ParseConfigFile(data []byte, base Config) (Config, error) {
 }
 
 func configKeys() []string {
-	return []string{"id", "data", "labels", "broker", "controller", "listen", "log_level", "spool_max_records", "spool_max_bytes", "aggregate_interval", "telemetry_compression", "tls_cert", "tls_key", "tls_ca", "health", "shadow", "release_keys", "director_keys", "allow_unsigned", "update_deadline"}
+	return []string{"id", "data", "labels", "broker", "controller", "listen", "log_level", "spool_max_records", "spool_max_bytes", "aggregate_interval", "telemetry_compression", "tls_cert", "tls_key", "tls_ca", "health", "shadow", "release_keys", "director_keys", "allow_unsigned", "update_deadline", "trim_after", "memory_limit"}
 }
 
 // listFlag collects a repeated flag's values.
@@ -311,6 +337,8 @@ func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Con
 		labels      = labelFlag{}
 		unsigned    = fs.Bool("allow-unsigned", false, "DEVELOPMENT ONLY: start without --release-key/--director-key and accept unsigned bundles and desired states, with a warning (env EDGEFLEET_ALLOW_UNSIGNED=1)")
 		updDeadline = fs.Duration("update-deadline", 0, "how long a new agent release has to connect and report before the watchdog restores the previous binary (default 60s; env EDGEFLEET_UPDATE_DEADLINE)")
+		trimAfter   = fs.Duration("trim-after", def.TrimAfter, "give unused memory back to the system after this long without inferences or deployment changes; 0: never (env EDGEFLEET_TRIM_AFTER)")
+		memLimit    = fs.Uint64("memory-limit", 0, "the Go runtime's soft memory limit in `bytes`; 0: the runtime's default, GOMEMLIMIT or none (env EDGEFLEET_MEMORY_LIMIT)")
 		releaseKs   listFlag
 		directorKs  listFlag
 	)
@@ -424,6 +452,26 @@ func LoadConfig(args []string, getenv func(string) string, usage io.Writer) (Con
 	}
 	if set["update-deadline"] {
 		cfg.UpdateDeadline = *updDeadline
+	}
+	if v := getenv("EDGEFLEET_TRIM_AFTER"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return Config{}, fmt.Errorf("EDGEFLEET_TRIM_AFTER=%q: use a duration such as 5s, or 0", v)
+		}
+		cfg.TrimAfter = d
+	}
+	if set["trim-after"] {
+		cfg.TrimAfter = *trimAfter
+	}
+	if v := getenv("EDGEFLEET_MEMORY_LIMIT"); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return Config{}, fmt.Errorf("EDGEFLEET_MEMORY_LIMIT=%q is not a number of bytes", v)
+		}
+		cfg.MemoryLimit = n
+	}
+	if set["memory-limit"] {
+		cfg.MemoryLimit = *memLimit
 	}
 	// Key lists are replaced, not merged: a flag names the whole set.
 	for _, k := range []struct {

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func env(m map[string]string) func(string) string {
@@ -115,6 +116,10 @@ func TestConfigErrors(t *testing.T) {
 		{"bad env number", nil, "", map[string]string{"EDGEFLEET_SPOOL_MAX_RECORDS": "x"}, []string{"EDGEFLEET_SPOOL_MAX_RECORDS"}},
 		{"missing file", []string{"--config", "/nonexistent/agent.yaml"}, "", nil, []string{"/nonexistent/agent.yaml"}},
 		{"stray argument", []string{"run"}, "", nil, []string{`unexpected argument "run"`}},
+		{"negative trim", []string{"--trim-after", "-1s"}, "", nil, []string{"trim_after", "0 (never trim)"}},
+		{"bad trim env", nil, "", map[string]string{"EDGEFLEET_TRIM_AFTER": "soon"}, []string{"EDGEFLEET_TRIM_AFTER"}},
+		{"tiny memory limit", []string{"--memory-limit", "1000"}, "", nil, []string{"memory_limit", "at least"}},
+		{"bad memory limit env", nil, "", map[string]string{"EDGEFLEET_MEMORY_LIMIT": "64MiB"}, []string{"EDGEFLEET_MEMORY_LIMIT", "bytes"}},
 		{"two errors at once", []string{"--id", "", "--broker", "x", "--listen", "y"}, "", map[string]string{"EDGEFLEET_ID": "a b"}, []string{"broker:", "listen:"}},
 	}
 	for _, c := range cases {
@@ -136,6 +141,37 @@ func TestConfigErrors(t *testing.T) {
 	}
 	if _, err := LoadConfig([]string{"-h"}, env(nil), &bytes.Buffer{}); !errors.Is(err, flag.ErrHelp) {
 		t.Fatalf("-h: %v", err)
+	}
+}
+
+// The memory settings come from the file, the environment and flags in
+// the usual order, and default to trimming after DefaultTrimAfter with
+// the runtime's own memory limit.
+func TestConfigMemory(t *testing.T) {
+	cfg, err := LoadConfig(nil, env(nil), &bytes.Buffer{})
+	if err != nil || cfg.TrimAfter != DefaultTrimAfter || cfg.MemoryLimit != 0 {
+		t.Fatalf("defaults: trim_after %s, memory_limit %d, %v", cfg.TrimAfter, cfg.MemoryLimit, err)
+	}
+	file := writeFile(t, "trim_after: 30s\nmemory_limit: 33554432\n")
+	cases := []struct {
+		name  string
+		args  []string
+		env   map[string]string
+		trim  time.Duration
+		limit uint64
+	}{
+		{"file", []string{"--config", file}, nil, 30 * time.Second, 32 << 20},
+		{"env beats file", []string{"--config", file}, map[string]string{"EDGEFLEET_TRIM_AFTER": "0", "EDGEFLEET_MEMORY_LIMIT": "67108864"}, 0, 64 << 20},
+		{"flag beats env", []string{"--config", file, "--trim-after", "1m", "--memory-limit", "0"}, map[string]string{"EDGEFLEET_TRIM_AFTER": "0"}, time.Minute, 0},
+	}
+	for _, c := range cases {
+		cfg, err := LoadConfig(c.args, env(c.env), &bytes.Buffer{})
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if cfg.TrimAfter != c.trim || cfg.MemoryLimit != c.limit {
+			t.Errorf("%s: trim_after %s, memory_limit %d; want %s, %d", c.name, cfg.TrimAfter, cfg.MemoryLimit, c.trim, c.limit)
+		}
 	}
 }
 

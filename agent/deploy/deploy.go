@@ -454,8 +454,9 @@ func (m *Manager) accept(ctx context.Context, sd *pb.SignedDesiredState) {
 	m.mu.Unlock()
 	// A new generation retries what failed for a transient reason now;
 	// bundles that failed to load stay refused (same digest, same bytes).
+	// A renewal repeats the orders it renews: nothing is retried early.
 	for s, f := range m.failures {
-		if !f.permanent || f.assignment {
+		if ds.GetRenewsGeneration() == 0 && (!f.permanent || f.assignment) {
 			delete(m.failures, s)
 		}
 	}
@@ -499,7 +500,7 @@ func (m *Manager) reconcile(ctx context.Context) time.Time {
 			}
 		case OpInstall:
 			digest := a.Assign.GetModel().GetBundleSha256()
-			if m.refusedFor(a.Slot, digest, ds.GetGeneration()) {
+			if m.refusedFor(a.Slot, digest, OrdersGeneration(ds)) {
 				continue // rolled back or refused in this generation: reported already
 			}
 			if c := m.candidateOf(a.Slot); c != nil && c.l.ref.Digest == digest {

@@ -42,6 +42,9 @@ func DecodeDesired(sd *pb.SignedDesiredState) (*pb.DesiredState, error) {
 	if ds.GetGeneration() == 0 {
 		return nil, fmt.Errorf("desired state generation is 0; generations start at 1")
 	}
+	if r := ds.GetRenewsGeneration(); r >= ds.GetGeneration() {
+		return nil, fmt.Errorf("desired state generation %d renews generation %d, which is not older", ds.GetGeneration(), r)
+	}
 	if n := len(ds.GetSlots()); n > MaxSlots {
 		return nil, fmt.Errorf("desired state has %d slots; the limit is %d", n, MaxSlots)
 	}

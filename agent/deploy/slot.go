@@ -382,7 +382,9 @@ func (m *Manager) refusedFor(name, digest string, gen uint64) bool {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	s := m.slots[name]
-	return s != nil && s.refused != nil && s.refused.Digest == digest && s.refused.Generation == gen
+	// Refused under the orders of generation gen, or under a renewal of
+	// them (OrdersGeneration): refusals never predate their order.
+	return s != nil && s.refused != nil && s.refused.Digest == digest && s.refused.Generation >= gen
 }
 
 // lookupLocked finds the slot serving name: the first slot (by name)

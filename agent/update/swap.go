@@ -176,6 +176,25 @@ func BinaryVersion(ctx context.Context, path string) (string, error) {
 	return f[1], nil
 }
 
+// PrecompileTimeout bounds RunPrecompile: compiling a large module on a
+// busy device takes seconds, and the update waits for it.
+const PrecompileTimeout = 2 * time.Minute
+
+// RunPrecompile runs `exe precompile --data DATA DIGEST...`: the binary
+// exe compiles the stored bundles named by digests into the compilation
+// cache under dataDir with its own wazero. A binary without the
+// subcommand (a release older than it) refuses the argument and fails.
+func RunPrecompile(ctx context.Context, exe, dataDir string, digests []string) error {
+	ctx, cancel := context.WithTimeout(ctx, PrecompileTimeout)
+	defer cancel()
+	args := append([]string{"precompile", "--data", dataDir}, digests...)
+	out, err := exec.CommandContext(ctx, exe, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s precompile: %w (output %q)", exe, err, truncate(string(out), 300))
+	}
+	return nil
+}
+
 func truncate(s string, n int) string {
 	if len(s) > n {
 		return s[:n] + "..."

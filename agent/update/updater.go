@@ -67,6 +67,11 @@ type Options struct {
 	// (nil: none) and its generation. Run calls it on its own goroutine
 	// after each Poke, so Poke is safe from anywhere, locks held or not.
 	Desired func() (*pb.AgentRelease, uint64)
+	// Prewarm, if set, has the staged new binary (its path) compile the
+	// running models into the compilation cache before the swap (the
+	// agent runs RunPrecompile), so the restart restores them from a warm
+	// cache. A failure is only logged: the new process compiles them then.
+	Prewarm func(ctx context.Context, exe string) error
 	Logger  *slog.Logger
 	Now     func() time.Time
 }
@@ -444,6 +449,16 @@ func (u *Updater) install(ctx context.Context, ar *pb.AgentRelease, gen uint64) 
 			err = fmt.Errorf("it says it is version %s", got)
 		}
 		return permanent{fmt.Errorf("agent release %s does not run on this device: %w", v, err)}
+	}
+	if u.o.Prewarm != nil {
+		// While this process still serves: what the new one would
+		// otherwise compile after the exec, in the local endpoint's gap.
+		start := time.Now()
+		if err := u.o.Prewarm(ctx, newPath(u.o.Exe)); err != nil {
+			log.Warn("the new binary did not precompile the models; it compiles them after the restart", "err", err)
+		} else {
+			log.Info("models precompiled by the new binary", "took", time.Since(start).Round(time.Millisecond))
+		}
 	}
 	report(pb.EventKind_EVENT_KIND_VERIFIED, "")
 

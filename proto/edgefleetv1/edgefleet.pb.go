@@ -2209,9 +2209,15 @@ type DesiredState struct {
 	ExpiresAtUnixMs int64             `protobuf:"varint,4,opt,name=expires_at_unix_ms,json=expiresAtUnixMs,proto3" json:"expires_at_unix_ms,omitempty"`
 	Slots           []*SlotAssignment `protobuf:"bytes,5,rep,name=slots,proto3" json:"slots,omitempty"`
 	// The agent release this device must run; unset leaves the agent as it is.
-	AgentRelease  *AgentRelease `protobuf:"bytes,6,opt,name=agent_release,json=agentRelease,proto3" json:"agent_release,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	AgentRelease *AgentRelease `protobuf:"bytes,6,opt,name=agent_release,json=agentRelease,proto3" json:"agent_release,omitempty"`
+	// Set on a renewal: a desired state the controller re-issued only to
+	// push its expiry back (controller/director/reissue.go). It repeats the
+	// orders of generation renews_generation, the generation that last
+	// changed them, so what the agent refused or rolled back under that
+	// order stays refused: only a new order retries it. Zero: a new order.
+	RenewsGeneration uint64 `protobuf:"varint,45,opt,name=renews_generation,json=renewsGeneration,proto3" json:"renews_generation,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *DesiredState) Reset() {
@@ -2284,6 +2290,13 @@ func (x *DesiredState) GetAgentRelease() *AgentRelease {
 		return x.AgentRelease
 	}
 	return nil
+}
+
+func (x *DesiredState) GetRenewsGeneration() uint64 {
+	if x != nil {
+		return x.RenewsGeneration
+	}
+	return 0
 }
 
 // AgentRelease orders an agent self-update. The agent fetches the signed
@@ -2876,7 +2889,7 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\bwatch_ms\x18\x01 \x01(\rR\awatchMs\x12$\n" +
 	"\x0emax_error_rate\x18\x02 \x01(\x01R\fmaxErrorRate\x12+\n" +
 	"\x12max_latency_p99_ms\x18\x03 \x01(\rR\x0fmaxLatencyP99Ms\x12%\n" +
-	"\x0emin_inferences\x18\x04 \x01(\rR\rminInferences\"\x98\x02\n" +
+	"\x0emin_inferences\x18\x04 \x01(\rR\rminInferences\"\xc5\x02\n" +
 	"\fDesiredState\x12\x1b\n" +
 	"\tdevice_id\x18\x01 \x01(\tR\bdeviceId\x12\x1e\n" +
 	"\n" +
@@ -2885,7 +2898,8 @@ const file_edgefleetv1_edgefleet_proto_rawDesc = "" +
 	"\x11issued_at_unix_ms\x18\x03 \x01(\x03R\x0eissuedAtUnixMs\x12+\n" +
 	"\x12expires_at_unix_ms\x18\x04 \x01(\x03R\x0fexpiresAtUnixMs\x122\n" +
 	"\x05slots\x18\x05 \x03(\v2\x1c.edgefleet.v1.SlotAssignmentR\x05slots\x12?\n" +
-	"\ragent_release\x18\x06 \x01(\v2\x1a.edgefleet.v1.AgentReleaseR\fagentRelease\"\x96\x01\n" +
+	"\ragent_release\x18\x06 \x01(\v2\x1a.edgefleet.v1.AgentReleaseR\fagentRelease\x12+\n" +
+	"\x11renews_generation\x18- \x01(\x04R\x10renewsGeneration\"\x96\x01\n" +
 	"\fAgentRelease\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x10\n" +
 	"\x03url\x18\x02 \x01(\tR\x03url\x12\x1d\n" +

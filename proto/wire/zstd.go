@@ -36,9 +36,15 @@ var ErrBadCompressed = errors.New("compressed telemetry batch does not decode")
 
 // BatchEncoder compresses telemetry batches. It holds zstd encoder states
 // (their tables are the expensive part, about 1.3 MB each once used) and
-// reuses them for every batch. It is safe for concurrent use.
+// reuses them for every batch. It makes a state only when every state it
+// has is busy, up to its limit, so a process that compresses on one
+// goroutine at a time (an agent) holds one state whatever its core count.
+// It is safe for concurrent use.
 type BatchEncoder struct {
-	enc *zstd.Encoder
+	// slots holds a token per state in use: at most its capacity exist.
+	slots chan struct{}
+	mu    sync.Mutex
+	idle  []*zstd.Encoder
 }
 
 // NewBatchEncoder returns an encoder of one zstd state (concurrent calls
@@ -49,10 +55,23 @@ type BatchEncoder struct {
 // in one process should share SharedBatchEncoder instead.
 func NewBatchEncoder() (*BatchEncoder, error) { return newBatchEncoder(1) }
 
-func newBatchEncoder(concurrency int) (*BatchEncoder, error) {
+// newBatchEncoder returns an encoder of at most limit states. It makes the
+// first one now, so that bad options fail here; zstd allocates a state's
+// tables on its first use, not here.
+func newBatchEncoder(limit int) (*BatchEncoder, error) {
+	first, err := newZstdState()
+	if err != nil {
+		return nil, err
+	}
+	return &BatchEncoder{slots: make(chan struct{}, max(limit, 1)), idle: []*zstd.Encoder{first}}, nil
+}
+
+// newZstdState is one encoder state: a zstd.Encoder that compresses one
+// batch at a time.
+func newZstdState() (*zstd.Encoder, error) {
 	enc, err := zstd.NewWriter(nil,
 		zstd.WithEncoderLevel(zstd.SpeedDefault),
-		zstd.WithEncoderConcurrency(max(concurrency, 1)),
+		zstd.WithEncoderConcurrency(1),
 		zstd.WithWindowSize(zstdWindow),
 		zstd.WithEncoderCRC(true),
 		zstd.WithZeroFrames(true),
@@ -60,13 +79,33 @@ func newBatchEncoder(concurrency int) (*BatchEncoder, error) {
 	if err != nil {
 		return nil, fmt.Errorf("zstd encoder: %w", err)
 	}
-	return &BatchEncoder{enc: enc}, nil
+	return enc, nil
+}
+
+// take returns an idle state, or a new one when none is idle; the caller
+// holds a slot, so no more states exist than slots.
+func (e *BatchEncoder) take() (*zstd.Encoder, error) {
+	e.mu.Lock()
+	if n := len(e.idle); n > 0 {
+		enc := e.idle[n-1]
+		e.idle = e.idle[:n-1]
+		e.mu.Unlock()
+		return enc, nil
+	}
+	e.mu.Unlock()
+	return newZstdState()
+}
+
+func (e *BatchEncoder) give(enc *zstd.Encoder) {
+	e.mu.Lock()
+	e.idle = append(e.idle, enc)
+	e.mu.Unlock()
 }
 
 // SharedBatchEncoder returns the process's batch encoder, made on first
-// use with GOMAXPROCS encoder states. Telemetry senders share it: an agent
-// holds one state in use, and the fleet simulator's thousand agents in one
-// process a few, instead of a thousand (1.3 GB).
+// use, of at most GOMAXPROCS encoder states. Telemetry senders share it:
+// an agent holds one state, and the fleet simulator's thousand agents in
+// one process a few, instead of a thousand (1.3 GB).
 var SharedBatchEncoder = sync.OnceValues(func() (*BatchEncoder, error) {
 	return newBatchEncoder(runtime.GOMAXPROCS(0))
 })
@@ -82,15 +121,37 @@ func (e *BatchEncoder) Compress(b *pb.TelemetryBatch) ([]byte, error) {
 	if len(raw) > MaxDecompressed {
 		return nil, fmt.Errorf("compress telemetry batch: %d bytes: %w (limit %d)", len(raw), ErrTooLarge, MaxDecompressed)
 	}
-	return e.enc.EncodeAll(raw, make([]byte, 0, len(raw)/4+64)), nil
+	e.slots <- struct{}{}
+	defer func() { <-e.slots }()
+	enc, err := e.take()
+	if err != nil {
+		return nil, fmt.Errorf("compress telemetry batch: %w", err)
+	}
+	out := enc.EncodeAll(raw, make([]byte, 0, len(raw)/4+64))
+	e.give(enc)
+	return out, nil
 }
 
-var decoder = sync.OnceValues(func() (*zstd.Decoder, error) {
-	return zstd.NewReader(nil,
-		zstd.WithDecoderConcurrency(0),
-		zstd.WithDecoderMaxMemory(MaxDecompressed),
-		zstd.WithDecoderMaxWindow(zstdWindow))
-})
+// shared is the process's zstd decoder, made on first use by decoder.
+// It is a sync.Once behind a function, not a package-level
+// sync.OnceValues: a value built at package init keeps its closure, and
+// with it zstd's whole decoder, in every binary that imports this package,
+// the agent's included, which never decompresses (140 KiB of its binary).
+var shared struct {
+	once sync.Once
+	dec  *zstd.Decoder
+	err  error
+}
+
+func decoder() (*zstd.Decoder, error) {
+	shared.once.Do(func() {
+		shared.dec, shared.err = zstd.NewReader(nil,
+			zstd.WithDecoderConcurrency(0),
+			zstd.WithDecoderMaxMemory(MaxDecompressed),
+			zstd.WithDecoderMaxWindow(zstdWindow))
+	})
+	return shared.dec, shared.err
+}
 
 // DecompressBatch decodes Envelope.telemetry_zstd. It refuses input over
 // MaxPayload before looking at it, and stops decompressing at

@@ -3,6 +3,7 @@ package wire
 import (
 	"bytes"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 
@@ -66,6 +67,57 @@ func TestCompressedBatchRoundTrip(t *testing.T) {
 	}
 }
 
+// An encoder makes a zstd state (about 1.3 MB) only when all it has are
+// busy: one goroutine at a time never needs a second, and concurrent
+// callers never get more than the limit.
+func TestBatchEncoderStates(t *testing.T) {
+	enc, err := newBatchEncoder(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	states := func() int {
+		enc.mu.Lock()
+		defer enc.mu.Unlock()
+		return len(enc.idle)
+	}
+	for range 5 {
+		if _, err := enc.Compress(sampleBatch(50)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := states(); n != 1 {
+		t.Fatalf("one caller at a time: %d states, want 1", n)
+	}
+	in := sampleBatch(200)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Go(func() {
+			for range 10 {
+				z, err := enc.Compress(in)
+				if err == nil {
+					var got *pb.TelemetryBatch
+					if got, err = DecompressBatch(z); err == nil && !proto.Equal(got, in) {
+						err = errors.New("round trip changed the batch")
+					}
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if n := states(); n < 1 || n > 2 {
+		t.Fatalf("8 concurrent callers, limit 2: %d states", n)
+	}
+}
+
 func TestDecompressRefuses(t *testing.T) {
 	// A bomb: far more than MaxDecompressed of zeros compresses to a few
 	// hundred bytes.
@@ -77,8 +129,9 @@ func TestDecompressRefuses(t *testing.T) {
 	w, _ := zstd.NewWriter(&stream, zstd.WithWindowSize(zstdWindow))
 	w.Write(make([]byte, 2*MaxDecompressed))
 	w.Close()
+	state, _ := newZstdState()
+	notBatch := state.EncodeAll([]byte{0xff, 0xff, 0xff}, nil)
 	enc, _ := NewBatchEncoder()
-	notBatch := enc.enc.EncodeAll([]byte{0xff, 0xff, 0xff}, nil)
 	cases := []struct {
 		name string
 		in   []byte

@@ -281,6 +281,14 @@ func TestAgentSelfUpdateGoodRelease(t *testing.T) {
 		}
 		gaps = append(gaps, longest)
 		t.Logf("%s: local endpoint downtime across the agent update: longest gap %s, %d of %d probes failed", ids[i], longest.Round(time.Millisecond), failed, total)
+		// Where the gap went: the agent logs its restart's steps
+		// (update.Trace) at its first answer after the exec.
+		t.Logf("%s: TRACE %s", ids[i], f.restartTrace(ids[i]))
+		// The new binary compiled the model into the cache before the
+		// swap, while the old one served.
+		if pre := f.lastLogged(ids[i], "models precompiled by the new binary"); pre == "" {
+			t.Fatalf("%s: the new binary did not precompile the model before the swap\n%s", ids[i], f.logTail(ids[i]+".log"))
+		}
 	}
 	if len(r.Waves) != 2 {
 		t.Fatalf("rollout had %d waves, want 2: %+v", len(r.Waves), r.Waves)
@@ -306,9 +314,38 @@ func TestAgentSelfUpdateGoodRelease(t *testing.T) {
 	f.onVersion(suGood, 30*time.Second, ids[0])
 	f.infer(ids[0], 1)
 	longest, failed, total := stop()
+	t.Logf("%s: baseline TRACE %s", ids[0], f.lastLogged(ids[0], "agent start timing"))
 	slices.Sort(gaps)
 	t.Logf("DOWNTIME median of %d agents: self-update %s; baseline stop-and-start restart %s (%d of %d probes failed)",
 		len(gaps), gaps[len(gaps)/2].Round(time.Millisecond), longest.Round(time.Millisecond), failed, total)
+}
+
+// restartTrace returns the step timings of agent id's last self-update
+// restart from its log, and fails the test when it logged none.
+func (f *suFleet) restartTrace(id string) string {
+	f.t.Helper()
+	last := f.lastLogged(id, "self-update restart timing")
+	if !strings.Contains(last, " gap=") || !strings.Contains(last, update.StepFirstAnswer+"=") {
+		f.t.Fatalf("%s logged no complete restart timing (%q)\n%s", id, last, f.logTail(id+".log"))
+	}
+	return last
+}
+
+// lastLogged returns what follows msg on the last line of agent id's log
+// that holds it ("" when none does).
+func (f *suFleet) lastLogged(id, msg string) string {
+	f.t.Helper()
+	b, err := os.ReadFile(filepath.Join(f.dir, id+".log"))
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	var last string
+	for line := range strings.Lines(string(b)) {
+		if _, after, ok := strings.Cut(line, msg); ok {
+			last = strings.TrimSpace(after)
+		}
+	}
+	return last
 }
 
 // startInferProbe calls url every 2 ms until the returned function is

@@ -17,6 +17,10 @@
 // agent/README.md and scripts/systemd/fleet-agent.service):
 //
 //	fleet-agent supervise -- --id pos-17 --broker ssl://ctl:8883 ...
+//
+// `fleet-agent precompile --data DIR DIGEST...` compiles stored bundles
+// into the agent's compilation cache; a self-update runs it with the new
+// binary before the swap (precompile.go).
 package main
 
 import (
@@ -26,8 +30,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/edgefleet/edgefleet/agent"
@@ -51,11 +57,20 @@ func doMain(ctx context.Context, args []string, getenv func(string) string, stde
 	if len(args) > 0 && args[0] == "supervise" {
 		return superviseMain(ctx, args[1:], getenv, stderr)
 	}
+	if len(args) > 0 && args[0] == "precompile" {
+		return precompileMain(ctx, args[1:], stderr)
+	}
 	for _, a := range args {
 		if a == "--version" || a == "-version" {
 			fmt.Fprintln(stderr, "fleet-agent", agent.Version)
 			return 0
 		}
+	}
+	// A self-update's restart is timed across the exec (update.Trace).
+	trace := update.InheritTrace()
+	if trace == nil {
+		trace = update.NewTrace()
+		trace.Mark(update.StepStarted)
 	}
 	cfg, err := agent.LoadConfig(args, getenv, stderr)
 	if errors.Is(err, flag.ErrHelp) {
@@ -86,11 +101,17 @@ func doMain(ctx context.Context, args []string, getenv func(string) string, stde
 	// process this one replaced, so it can outlive a self-update's exec.
 	// If that fails, the agent tries again itself, after its other checks,
 	// and reports it.
-	opts := agent.Options{Logger: log, Executable: exe}
+	// This process is one agent, so the process-wide memory settings are
+	// its own to make.
+	if cfg.MemoryLimit > 0 {
+		debug.SetMemoryLimit(int64(min(cfg.MemoryLimit, math.MaxInt64)))
+	}
+	opts := agent.Options{Logger: log, Executable: exe, RestartTrace: trace, TrimIdle: cfg.TrimAfter}
 	ln, dup, lerr := update.Listen(cfg.Listen)
 	if lerr == nil {
 		opts.Listener = ln
 	}
+	trace.Mark(update.StepConfigured)
 	err = agent.Run(ctx, cfg, opts)
 	if lerr == nil && !errors.Is(err, agent.ErrRestart) {
 		ln.Close() // closed already unless the agent stopped before serving
@@ -101,9 +122,14 @@ func doMain(ctx context.Context, args []string, getenv func(string) string, stde
 	if errors.Is(err, agent.ErrRestart) {
 		// The new binary is in place and the agent stopped cleanly: become
 		// it, handing over the listening socket.
+		trace.Mark(update.StepClosed)
 		log.Info("re-executing the new agent binary", "exe", exe)
 		if perr := update.PassListener(dup); perr != nil {
 			log.Warn("the new binary opens its own socket", "err", perr)
+		}
+		trace.Mark(update.StepExec)
+		if terr := trace.Pass(); terr != nil {
+			log.Debug("the restart is not timed", "err", terr)
 		}
 		err = reexec(exe, append([]string{os.Args[0]}, args...))
 		log.Error("cannot execute the new agent binary; exiting so the watchdog restores the previous one", "err", err)
