@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/edgefleet/edgefleet/controller/director"
 	"github.com/edgefleet/edgefleet/controller/rollout"
 )
 
@@ -57,6 +58,11 @@ type Config struct {
 	TelemetryRawRetention string
 	// retention and rawRetention are the two, parsed by Validate.
 	retention, rawRetention time.Duration
+	// DesiredRenewBefore is how long before its expiry a device's desired
+	// state is re-issued (--desired-renew-before, e.g. 7d; it must be
+	// shorter than the 30-day expiry); renewBefore is it parsed.
+	DesiredRenewBefore string
+	renewBefore        time.Duration
 
 	// Tests shorten the MQTT link's waits; zero means the link's defaults.
 	publishTimeout, connectTimeout time.Duration
@@ -76,6 +82,7 @@ func DefaultConfig() Config {
 
 		TelemetryRetention:    "7d",
 		TelemetryRawRetention: "2d",
+		DesiredRenewBefore:    "7d",
 	}
 }
 
@@ -101,6 +108,7 @@ func (c *Config) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.MQTTTLSKey, "mqtt-tls-key", c.MQTTTLSKey, "key of --mqtt-tls-cert")
 	fs.StringVar(&c.TelemetryRetention, "telemetry-retention", c.TelemetryRetention, "how long inference aggregates (per device per minute) are kept, e.g. 7d or 36h")
 	fs.StringVar(&c.TelemetryRawRetention, "telemetry-raw-retention", c.TelemetryRawRetention, "how long raw telemetry batches are kept, e.g. 2d; 0 keeps none")
+	fs.StringVar(&c.DesiredRenewBefore, "desired-renew-before", c.DesiredRenewBefore, "re-issue a device's desired state this long before its 30-day expiry, e.g. 7d")
 	fs.StringVar(&c.MQTTClientCA, "mqtt-client-ca", c.MQTTClientCA, "fleet CA: signs every MQTT client's certificate (embedded broker), or the ssl:// --broker's certificate")
 }
 
@@ -118,6 +126,7 @@ func (c *Config) fields() map[string]*string {
 		"mqtt-client-ca": &c.MQTTClientCA,
 
 		"telemetry-retention":     &c.TelemetryRetention,
+		"desired-renew-before":    &c.DesiredRenewBefore,
 		"telemetry-raw-retention": &c.TelemetryRawRetention,
 	}
 }
@@ -162,6 +171,9 @@ func (c *Config) Validate() error {
 	}
 	if c.rawRetention, err = parseRetention(c.TelemetryRawRetention, "2d"); err != nil || c.rawRetention < 0 {
 		errs = append(errs, fmt.Errorf("--telemetry-raw-retention %q: give a duration such as 2d or 12h, or 0 to keep no raw batches", c.TelemetryRawRetention))
+	}
+	if c.renewBefore, err = parseRetention(c.DesiredRenewBefore, "7d"); err != nil || c.renewBefore <= 0 || c.renewBefore >= director.DefaultExpiry {
+		errs = append(errs, fmt.Errorf("--desired-renew-before %q: give a positive duration shorter than the %d-day expiry of desired states, such as 7d", c.DesiredRenewBefore, int(director.DefaultExpiry/(24*time.Hour))))
 	}
 	return errors.Join(errs...)
 }

@@ -26,7 +26,8 @@ func TestConfigPrecedence(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := Config{DataDir: "/flag/data", MQTTListen: "127.0.0.1:1883", HTTPListen: "0.0.0.0:9000", PublicURL: "http://fleet:9000", LogLevel: "debug",
-		TelemetryRetention: "7d", TelemetryRawRetention: "2d", retention: 7 * 24 * time.Hour, rawRetention: 48 * time.Hour}
+		TelemetryRetention: "7d", TelemetryRawRetention: "2d", retention: 7 * 24 * time.Hour, rawRetention: 48 * time.Hour,
+		DesiredRenewBefore: "7d", renewBefore: 7 * 24 * time.Hour}
 	if cfg != want {
 		t.Fatalf("config = %+v, want %+v", cfg, want)
 	}
@@ -59,6 +60,9 @@ func TestConfigValidate(t *testing.T) {
 		{"retention in hours", func(c *Config) { c.TelemetryRetention = "36h"; c.TelemetryRawRetention = "0" }, ""},
 		{"no retention", func(c *Config) { c.TelemetryRetention = "0" }, "--telemetry-retention"},
 		{"bad raw retention", func(c *Config) { c.TelemetryRawRetention = "a week" }, "--telemetry-raw-retention"},
+		{"renewal in hours", func(c *Config) { c.DesiredRenewBefore = "36h" }, ""},
+		{"renewal as long as the expiry", func(c *Config) { c.DesiredRenewBefore = "30d" }, "shorter than the 30-day expiry"},
+		{"no renewal horizon", func(c *Config) { c.DesiredRenewBefore = "0" }, "--desired-renew-before"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

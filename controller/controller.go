@@ -52,6 +52,7 @@ type Controller struct {
 	pruner    *telemetry.Pruner
 	drops     *telemetry.Drops
 	director  *director.Director
+	renewer   *director.Renewer
 	rollouts  *rollout.Engine
 	metrics   *metrics.Registry
 	stopping  chan struct{}
@@ -130,8 +131,16 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 	if err != nil {
 		return nil, err
 	}
+	// Device messages come from the embedded broker in process, where a
+	// slow moment of the controller holds devices back instead of making
+	// the broker drop what it could not send (see broker.SubscribeInline).
+	var inline link.InlineSubscriber
+	if c.broker != nil {
+		inline = c.broker
+	}
 	c.link, err = link.New(link.Options{
 		Broker:    linkURL,
+		Inline:    inline,
 		Handler:   link.HandlerFunc(c.handleMessage),
 		Logger:    log.With("component", "mqtt"),
 		Metrics:   c.metrics,
@@ -166,6 +175,9 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 		Store: st, Publisher: desiredPub, Logger: log, Metrics: c.metrics, ArtifactBaseURL: cfg.PublicURL,
 		Key: directorKey,
 	})
+	if c.renewer, err = c.director.NewRenewer(director.RenewOptions{Store: st, Before: cfg.renewBefore}); err != nil {
+		return nil, fmt.Errorf("--desired-renew-before: %w", err)
+	}
 	// Key announcements (DATA/keys/announcements.pb) go to every known
 	// device after a rotation and to each device at its hello.
 	if err := c.director.EnableRotation(cfg.DataDir, func(ctx context.Context) ([]string, error) {
@@ -178,7 +190,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 	}); err != nil {
 		return nil, err
 	}
-	c.inventory = inventory.New(st, c.director, log)
+	c.inventory = inventory.New(st, c.director, log, inventory.WithMetrics(c.metrics))
 	c.ingest = telemetry.New(telemetry.Options{Store: st, Publisher: c.link, Logger: log, Metrics: c.metrics, KeepRaw: cfg.rawRetention > 0})
 	c.drops = telemetry.NewDrops(c.metrics)
 	c.registerMetrics()
@@ -299,7 +311,7 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 		part string
 		err  error
 	}
-	results := make(chan result, 8)
+	results := make(chan result, 16)
 	c.log.Info("controller starting", "mqtt", c.MQTTAddr(), "broker_embedded", c.broker != nil)
 	running := 0
 	start := func(part string, fn func() error) {
@@ -324,6 +336,9 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 	telemetryCtx, stopTelemetry := context.WithCancel(context.Background())
 	defer stopTelemetry()
 	start("telemetry", func() error { return c.ingest.Run(telemetryCtx) })
+	// So does the inventory's writer: it stores what is queued before it
+	// stops.
+	start("inventory", func() error { return c.inventory.Run(telemetryCtx) })
 	start("telemetry pruner", func() error { return c.pruner.Run(telemetryCtx) })
 	start("mqtt link", func() error { return c.link.Run(linkCtx) })
 
@@ -363,6 +378,8 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 		// Rollouts resume once device messages flow, so what the devices
 		// say on reconnecting reaches them.
 		start("rollouts", func() error { return c.rollouts.Run(rolloutsCtx) })
+		// Desired states are renewed before they expire (director/reissue.go).
+		start("desired renewals", func() error { return c.renewer.Run(rolloutsCtx) })
 		start("http", func() error {
 			if err := c.httpSrv.Serve(c.httpLn); !errors.Is(err, http.ErrServerClosed) {
 				return err
@@ -395,6 +412,7 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 	if serving {
 		stopRollouts()
 		waitFor("rollouts")
+		waitFor("desired renewals")
 	}
 	stopLink()
 	// The broker goes last among the network parts, so the link's
@@ -402,6 +420,7 @@ func (c *Controller) Run(ctx context.Context, ready func()) error {
 	waitFor("mqtt link")
 	stopTelemetry()
 	waitFor("telemetry")
+	waitFor("inventory")
 	stopBroker()
 	if c.broker != nil {
 		waitFor("broker")
@@ -465,42 +484,41 @@ func (c *Controller) handleMessage(ctx context.Context, m link.Message) error {
 		}
 	}
 	env := m.Envelope
-	var err error
-	changed := true
+	id := m.DeviceID
+	// Hellos, states, presences and events go to the inventory's group
+	// commit; what acts on them runs once they are stored.
+	u := inventory.Update{DeviceID: id, At: at, Done: func(err error) {
+		if err == nil {
+			c.rollouts.DeviceChanged(id)
+		}
+	}}
 	switch m.Kind {
 	case wire.KindHello:
-		err = c.inventory.Hello(ctx, m.DeviceID, at, env.GetHello())
-		c.director.PublishKeys(m.DeviceID)
-	case wire.KindState:
-		err = c.inventory.State(ctx, m.DeviceID, at, env.GetState())
-		c.drops.Report(m.DeviceID, env.GetState().GetSpoolDroppedByClass())
-	case wire.KindPresence:
-		err = c.inventory.Presence(ctx, m.DeviceID, at, env.GetPresence())
-	case wire.KindEvents:
-		err = c.inventory.Event(ctx, m.DeviceID, at, env.GetEvent())
-	case wire.KindTelemetry:
-		// Stored by the telemetry writer's next group commit; only the
-		// events a batch carries (spooled while offline) move rollouts,
-		// once they are stored. Inference records are read by the gates.
-		changed = false
-		var sub telemetry.Submission
-		m.Received = at
-		if sub, err = c.ingest.FromMessage(m); err == nil {
-			if sub.HasEvents() {
-				id := m.DeviceID
-				sub.Done = func(err error) {
-					if err == nil {
-						c.rollouts.DeviceChanged(id)
-					}
-				}
+		u.Hello = env.GetHello()
+		u.Done = func(err error) {
+			// The key chain goes out whether or not the hello was
+			// stored: a device that missed a rotation needs it anyway.
+			c.director.PublishKeys(id)
+			if err == nil {
+				c.rollouts.DeviceChanged(id)
 			}
-			err = c.ingest.Submit(ctx, sub)
 		}
+	case wire.KindState:
+		u.State = env.GetState()
+		c.drops.Report(id, u.State.GetSpoolDroppedByClass())
+	case wire.KindPresence:
+		u.Presence = env.GetPresence()
+	case wire.KindEvents:
+		u.Event = env.GetEvent()
+	case wire.KindTelemetry:
+		// Decoded and stored off this worker (telemetry.Ingest.Handle);
+		// only the events a batch carries (spooled while offline) move
+		// rollouts, once they are stored. Inference records are read by
+		// the gates.
+		m.Received = at
+		return c.ingest.Handle(ctx, m, u.Done)
 	default:
 		return fmt.Errorf("no handler for %s messages", m.Kind)
 	}
-	if err == nil && changed {
-		c.rollouts.DeviceChanged(m.DeviceID)
-	}
-	return err
+	return c.inventory.Submit(ctx, u)
 }

@@ -22,8 +22,10 @@ import (
 )
 
 // rolloutWait bounds the wait for a rollout to reach a state; the waves
-// of these tests soak for a fraction of a second.
-const rolloutWait = 30 * time.Second
+// of these tests soak for a fraction of a second, but the latency gate
+// judges only minutes after the one a wave's devices activated in, so
+// its case waits for the next minute.
+const rolloutWait = 90 * time.Second
 
 // fastRollouts are engine timings for tests.
 var fastRollouts = &rollout.Options{GateInterval: 50 * time.Millisecond, MaxSleep: 100 * time.Millisecond, RestartGrace: time.Second}
@@ -430,7 +432,7 @@ func TestRolloutGates(t *testing.T) {
 	}{
 		{"errors", testdevice.Behavior{Inferences: 100, Latency: 10 * time.Millisecond, ErrorRate: 0.3},
 			`{"type":"errorRate","max":0.05}`, []string{"error rate 30.00%", "ceiling 5.00%"}},
-		{"latency", testdevice.Behavior{Inferences: 100, Latency: 30 * time.Millisecond},
+		{"latency", testdevice.Behavior{Inferences: 20, Every: 250 * time.Millisecond, Latency: 30 * time.Millisecond},
 			`{"type":"latency","maxP99Ratio":1.5,"maxP95Ratio":1.5}`, []string{"p99 3", "on 2.0.0 vs 1", "on 1.0.0", "ABOVE LIMIT", "limit x1.50"}},
 	}
 	for _, c := range cases {
@@ -438,7 +440,7 @@ func TestRolloutGates(t *testing.T) {
 			t.Parallel()
 			f := startRolloutFleet(t)
 			beh := map[string]testdevice.Behavior{
-				"1.0.0": {Inferences: 100, Latency: 10 * time.Millisecond},
+				"1.0.0": {Inferences: 100, Latency: 10 * time.Millisecond, Every: c.behavior.Every},
 				"2.0.0": c.behavior,
 			}
 			f.addAgents(20, "cam", all, beh)

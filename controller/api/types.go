@@ -32,6 +32,50 @@ type Slot struct {
 	Healthy bool `json:"healthy"`
 	// RolloutID names the rollout that put the active version there.
 	RolloutID string `json:"rolloutId"`
+	// Shadow is the shadow comparison under way in this slot, or the last
+	// one finished there; absent when the slot has had none.
+	Shadow *Shadow `json:"shadow,omitempty"`
+}
+
+// Shadow is how a candidate version, run in shadow beside the active one,
+// compared with it on the device (the agent's SlotState.shadow).
+type Shadow struct {
+	Candidate *ModelRef `json:"candidate"`
+	// Compared counts the inferences both answered; Agreed those whose
+	// answers agreed within the policy's tolerance; Errors the candidate's
+	// failures.
+	Compared uint64 `json:"compared"`
+	Agreed   uint64 `json:"agreed"`
+	Errors   uint64 `json:"errors"`
+	// Agreement is Agreed / Compared; null before the first comparison.
+	Agreement *float64 `json:"agreement"`
+	// MaxScoreDiff and MeanScoreDiff are the largest and mean absolute
+	// differences between the two versions' output elements.
+	MaxScoreDiff  float64 `json:"maxScoreDiff"`
+	MeanScoreDiff float64 `json:"meanScoreDiff"`
+	// CandidateP99Us and ActiveP99Us are the two versions' p99 latencies
+	// over the comparison, in microseconds.
+	CandidateP99Us uint32  `json:"candidateP99Us"`
+	ActiveP99Us    uint32  `json:"activeP99Us"`
+	Since          *string `json:"since"`
+}
+
+// shadowJSON is the API view of a reported shadow comparison (nil: none).
+func shadowJSON(s *pb.ShadowState) *Shadow {
+	if s == nil {
+		return nil
+	}
+	out := &Shadow{Candidate: modelRef(s.GetCandidate()), Compared: s.GetCompared(), Agreed: s.GetAgreed(), Errors: s.GetErrors(),
+		MaxScoreDiff: s.GetMaxScoreDiff(), MeanScoreDiff: s.GetMeanScoreDiff(),
+		CandidateP99Us: s.GetCandidateP99Us(), ActiveP99Us: s.GetActiveP99Us()}
+	if s.GetCompared() > 0 {
+		a := float64(s.GetAgreed()) / float64(s.GetCompared())
+		out.Agreement = &a
+	}
+	if ms := s.GetSinceUnixMs(); ms > 0 {
+		out.Since = optTime(time.UnixMilli(ms))
+	}
+	return out
 }
 
 // DesiredSlot is what the controller wants in one slot.
@@ -220,6 +264,7 @@ func deviceJSON(d store.Device) (Device, error) {
 			LastError: s.GetLastError(),
 			Healthy:   s.GetHealthy(),
 			RolloutID: s.GetRolloutId(),
+			Shadow:    shadowJSON(s.GetShadow()),
 		}
 		if ms := s.GetActiveSinceUnixMs(); ms > 0 {
 			slot.ActiveSince = optTime(time.UnixMilli(ms))

@@ -27,6 +27,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -39,6 +40,15 @@ import (
 // an oversize payload still reaches the controller and is counted there,
 // while a client cannot make the broker buffer arbitrary amounts.
 const MaxPacketSize = 1 << 20
+
+// ClientWritesPending bounds the packets waiting to be written to one
+// client; mochi drops what does not fit. mochi's default, 8,192, allocates
+// 64 KiB of queue per connection (some 640 MiB at 10,000 devices). A device
+// is sent its desired state, key announcements, commands and telemetry
+// acks (one per stored group, bounded by its send window), far below this.
+// The controller's own reading does not go through such a queue at all
+// (SubscribeInline).
+const ClientWritesPending = 256
 
 // Options configure the embedded broker.
 type Options struct {
@@ -112,6 +122,8 @@ type Broker struct {
 	served   chan struct{}
 	openOnce sync.Once
 	openErr  error
+	// inlineSubs numbers SubscribeInline's subscriptions.
+	inlineSubs atomic.Int32
 }
 
 // Listener ids, as hooks see them in Client.Net.Listener.
@@ -129,6 +141,7 @@ func New(opts Options) (*Broker, error) {
 	}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = MaxPacketSize
+	caps.MaximumClientWritesPending = ClientWritesPending
 	// Mochi drops retained messages older than a day by default; a desired
 	// state must stay retained until it is replaced, however long its
 	// device is away.

@@ -2,6 +2,10 @@ package broker
 
 import (
 	"fmt"
+	"sync/atomic"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 // Publish publishes payload on topic from inside the broker, with QoS 1 to
@@ -29,4 +33,31 @@ func (b *Broker) PublishAsync(topic string, payload []byte, retained bool, done 
 	if done != nil {
 		done(err)
 	}
+}
+
+// SubscribeInline hands every message published on filter to deliver, in
+// process, on the publishing client's goroutine: first the retained ones
+// (retained set), then each new one. This is how the controller reads
+// device messages from its own broker (link.Options.Inline).
+//
+// A subscription of a client session would hold what the controller has
+// not read yet in the session's outbound queue, and mochi drops every
+// message that finds it full (ClientWritesPending). Here nothing queues
+// in the broker: a deliver that waits (the controller's queue is full)
+// holds back the device that published, which waits on TCP, and no
+// message is dropped.
+func (b *Broker) SubscribeInline(filter string, deliver func(topic string, payload []byte, retained bool)) error {
+	// Retained messages are delivered inside srv.Subscribe; new ones may
+	// arrive concurrently only once devices are let in (Open).
+	var replaying atomic.Bool
+	replaying.Store(true)
+	defer replaying.Store(false)
+	id := int(b.inlineSubs.Add(1))
+	err := b.srv.Subscribe(filter, id, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
+		deliver(pk.TopicName, pk.Payload, replaying.Load() && pk.FixedHeader.Retain)
+	})
+	if err != nil {
+		return fmt.Errorf("subscribe to %s in the embedded broker: %w", filter, err)
+	}
+	return nil
 }

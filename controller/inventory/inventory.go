@@ -7,6 +7,13 @@
 // the one stored for it missed its desired state (say, a broker without
 // persistence lost the retained message); the inventory asks for a
 // re-publish.
+//
+// The controller feeds it through a group commit (Submit and Run, in
+// writer.go): the link's worker queues each message and goes on reading,
+// and one writer stores every message queued so far in one transaction, in
+// arrival order, and only then runs what depends on them (the re-publish
+// check, the caller's follow-ups). The one-message methods (Hello, State,
+// Presence, Event) store each in its own transaction.
 package inventory
 
 import (
@@ -29,6 +36,7 @@ type Store interface {
 	SetPresence(ctx context.Context, id string, online bool, at time.Time) error
 	AppendEvent(ctx context.Context, e store.Event, seen time.Time) error
 	DesiredState(ctx context.Context, id string) (store.Desired, error)
+	ApplyDeviceUpdates(ctx context.Context, us []store.DeviceUpdate) ([]store.DeviceUpdateResult, error)
 }
 
 // Republisher re-sends a device's stored desired state.
@@ -43,19 +51,45 @@ type Inventory struct {
 	store    Store
 	director Republisher
 	log      *slog.Logger
+	w        writer
 }
 
 // New returns an inventory. director may be nil (no re-publish on hello).
-func New(st Store, director Republisher, log *slog.Logger) *Inventory {
+func New(st Store, director Republisher, log *slog.Logger, opts ...Option) *Inventory {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Inventory{store: st, director: director, log: log}
+	inv := &Inventory{store: st, director: director, log: log}
+	inv.w = newWriter(opts)
+	return inv
 }
 
 // Hello records a device's hello and re-publishes its desired state if the
 // device reports an older generation than the one stored.
 func (inv *Inventory) Hello(ctx context.Context, id string, at time.Time, h *pb.Hello) error {
+	rec, err := helloRecord(id, at, h)
+	if err != nil {
+		return err
+	}
+	if err := inv.store.UpsertHello(ctx, rec); err != nil {
+		return fmt.Errorf("hello from %s: %w", id, err)
+	}
+	inv.logHello(id, h)
+	if inv.director == nil {
+		return nil
+	}
+	want, err := inv.store.DesiredState(ctx, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("hello from %s: %w", id, err)
+	}
+	return inv.republishIfBehind(ctx, id, h, want.Generation)
+}
+
+// helloRecord turns a hello into what the store keeps.
+func helloRecord(id string, at time.Time, h *pb.Hello) (store.Hello, error) {
 	rec := store.Hello{
 		ID:           id,
 		Labels:       h.GetLabels(),
@@ -67,30 +101,29 @@ func (inv *Inventory) Hello(ctx context.Context, id string, at time.Time, h *pb.
 	if st := h.GetState(); st != nil {
 		r, err := ReportFrom(st)
 		if err != nil {
-			return fmt.Errorf("hello from %s: %w", id, err)
+			return store.Hello{}, fmt.Errorf("hello from %s: %w", id, err)
 		}
 		if r.AgentVersion == "" {
 			r.AgentVersion = h.GetAgentVersion()
 		}
 		rec.Report = &r
 	}
-	if err := inv.store.UpsertHello(ctx, rec); err != nil {
-		return fmt.Errorf("hello from %s: %w", id, err)
-	}
+	return rec, nil
+}
+
+func (inv *Inventory) logHello(id string, h *pb.Hello) {
 	inv.log.Info("device hello", "device", id, "agent", h.GetAgentVersion(), "labels", len(h.GetLabels()),
 		"reported_generation", h.GetState().GetDesiredGeneration())
+}
+
+// republishIfBehind re-publishes the desired state of a device whose hello
+// reports a generation below want, the stored one.
+func (inv *Inventory) republishIfBehind(ctx context.Context, id string, h *pb.Hello, want uint64) error {
 	if inv.director == nil {
 		return nil
 	}
-	want, err := inv.store.DesiredState(ctx, id)
-	if errors.Is(err, store.ErrNotFound) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("hello from %s: %w", id, err)
-	}
-	if have := h.GetState().GetDesiredGeneration(); have < want.Generation {
-		inv.log.Info("device is behind its desired state; re-publishing", "device", id, "reported_generation", have, "generation", want.Generation)
+	if have := h.GetState().GetDesiredGeneration(); have < want {
+		inv.log.Info("device is behind its desired state; re-publishing", "device", id, "reported_generation", have, "generation", want)
 		if err := inv.director.Republish(ctx, id); err != nil {
 			return fmt.Errorf("hello from %s: re-publish desired state: %w", id, err)
 		}
@@ -125,12 +158,16 @@ func (inv *Inventory) Event(ctx context.Context, id string, at time.Time, e *pb.
 	if err := inv.store.AppendEvent(ctx, ev, at); err != nil {
 		return fmt.Errorf("event of %s: %w", id, err)
 	}
+	inv.logEvent(ctx, &ev, e.GetKind())
+	return nil
+}
+
+func (inv *Inventory) logEvent(ctx context.Context, ev *store.Event, kind pb.EventKind) {
 	lvl := slog.LevelInfo
-	if e.GetKind() == pb.EventKind_EVENT_KIND_FAILED || e.GetKind() == pb.EventKind_EVENT_KIND_REFUSED {
+	if kind == pb.EventKind_EVENT_KIND_FAILED || kind == pb.EventKind_EVENT_KIND_REFUSED {
 		lvl = slog.LevelWarn
 	}
-	inv.log.Log(ctx, lvl, "device event", "device", id, "kind", ev.Kind, "slot", ev.Slot, "model", ev.Model, "version", ev.Version, "detail", ev.Detail)
-	return nil
+	inv.log.Log(ctx, lvl, "device event", "device", ev.DeviceID, "kind", ev.Kind, "slot", ev.Slot, "model", ev.Model, "version", ev.Version, "detail", ev.Detail)
 }
 
 // ReportFrom turns a reported state into the columns the store indexes,

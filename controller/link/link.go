@@ -13,6 +13,13 @@
 // message still queued when the controller dies is lost to it; that is
 // safe for every kind: telemetry is resent until acked, state and presence
 // are retained, hello comes again on the next connect.
+//
+// With the embedded broker (Options.Inline) device messages do not go
+// through a client session at all: the broker hands each one to the link
+// on the publishing device's own connection goroutine, and a full queue
+// holds that device back. A session's bounded outbound queue, where a
+// broker drops what does not fit when its subscriber falls behind, is not
+// in the path; the MQTT client then only publishes.
 package link
 
 import (
@@ -109,6 +116,19 @@ type Options struct {
 	// embedded broker's internal listener admits the controller's link
 	// with them (broker.Broker.InternalCredentials).
 	Username, Password string
+	// Inline, when set, delivers device messages in process (the embedded
+	// broker) instead of through subscriptions of the MQTT client.
+	Inline InlineSubscriber
+}
+
+// InlineSubscriber delivers the messages published on a topic filter in
+// process: the embedded broker (broker.Broker.SubscribeInline).
+type InlineSubscriber interface {
+	// SubscribeInline calls deliver for every message published on
+	// filter from now on, and first for the retained ones (retained set),
+	// on the publisher's goroutine; deliver may block, which holds the
+	// publisher back. payload must not be kept after deliver returns.
+	SubscribeInline(filter string, deliver func(topic string, payload []byte, retained bool)) error
 }
 
 // Link is the controller's connection to the broker.
@@ -243,12 +263,9 @@ func New(opts Options) (*Link, error) {
 // Run connects to the broker and handles messages until ctx ends. It keeps
 // retrying while the broker is unreachable.
 func (l *Link) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	g, ctx := errgroup.WithContext(ctx)
-	l.log.Info("connecting to mqtt broker", "broker", l.opts.Broker, "client", l.opts.ClientID)
-	// With ConnectRetry the token completes only once connected; the
-	// retries run inside paho.
-	l.client.Connect()
-
 	g.Go(func() error {
 		for {
 			select {
@@ -259,6 +276,23 @@ func (l *Link) Run(ctx context.Context) error {
 			}
 		}
 	})
+	if l.opts.Inline != nil {
+		// Subscribed once, before the client connects: the broker
+		// delivers retained messages during the call, to the worker
+		// already running.
+		for _, k := range UplinkKinds {
+			if err := l.opts.Inline.SubscribeInline(wire.AllDevices(k), l.deliver); err != nil {
+				l.stopOnce.Do(func() { close(l.stopping) })
+				cancel()
+				_ = g.Wait()
+				return fmt.Errorf("subscribe to %s in the embedded broker: %w", wire.AllDevices(k), err)
+			}
+		}
+	}
+	l.log.Info("connecting to mqtt broker", "broker", l.opts.Broker, "client", l.opts.ClientID)
+	// With ConnectRetry the token completes only once connected; the
+	// retries run inside paho.
+	l.client.Connect()
 	g.Go(func() error {
 		for {
 			select {
@@ -308,6 +342,20 @@ func (l *Link) Connected() bool { return l.connected.Load() }
 
 // onConnect runs on a paho goroutine after each (re)connect.
 func (l *Link) onConnect(c paho.Client) {
+	if l.opts.Inline == nil && !l.subscribe(c) {
+		return
+	}
+	l.connected.Store(true)
+	l.readyOnce.Do(func() { close(l.ready) })
+	l.log.Info("mqtt connected and subscribed", "broker", l.opts.Broker, "inline", l.opts.Inline != nil)
+	select {
+	case l.connects <- struct{}{}:
+	default: // a re-publish pass is already due
+	}
+}
+
+// subscribe subscribes the client to every device's uplink topics.
+func (l *Link) subscribe(c paho.Client) bool {
 	filters := make(map[string]byte, len(UplinkKinds))
 	for _, k := range UplinkKinds {
 		filters[wire.AllDevices(k)] = 1
@@ -318,20 +366,20 @@ func (l *Link) onConnect(c paho.Client) {
 	tok := c.SubscribeMultiple(filters, l.onMessage)
 	if !tok.WaitTimeout(l.opts.PublishTimeout) || tok.Error() != nil {
 		l.log.Error("mqtt subscribe failed; will retry on the next reconnect", "broker", l.opts.Broker, "err", tok.Error())
-		return
+		return false
 	}
-	l.connected.Store(true)
-	l.readyOnce.Do(func() { close(l.ready) })
-	l.log.Info("mqtt connected and subscribed", "broker", l.opts.Broker)
-	select {
-	case l.connects <- struct{}{}:
-	default: // a re-publish pass is already due
-	}
+	return true
 }
 
 // onMessage runs on paho's delivery goroutine: it only queues.
 func (l *Link) onMessage(_ paho.Client, m paho.Message) {
-	in := inbound{topic: m.Topic(), payload: append([]byte(nil), m.Payload()...), retained: m.Retained(), at: l.opts.Now()}
+	l.deliver(m.Topic(), m.Payload(), m.Retained())
+}
+
+// deliver queues a copy of a message for the worker; it waits while the
+// queue is full, until the link stops.
+func (l *Link) deliver(topic string, payload []byte, retained bool) {
+	in := inbound{topic: topic, payload: append([]byte(nil), payload...), retained: retained, at: l.opts.Now()}
 	select {
 	case l.queue <- in:
 	case <-l.stopping:

@@ -95,7 +95,14 @@ func runLink(t *testing.T, opts Options) *Link {
 	return l
 }
 
+// TestDispatch runs through a subscription of the MQTT client and through
+// the embedded broker's inline subscriptions alike.
 func TestDispatch(t *testing.T) {
+	t.Run("client", func(t *testing.T) { testDispatch(t, false) })
+	t.Run("inline", func(t *testing.T) { testDispatch(t, true) })
+}
+
+func testDispatch(t *testing.T, inline bool) {
 	b, _ := runBroker(t, "127.0.0.1:0")
 	rec := &recorder{fail: true}
 	reg := metrics.NewRegistry()
@@ -103,7 +110,11 @@ func TestDispatch(t *testing.T) {
 	// Retained before the link subscribes: replayed with the retained flag.
 	dev.Send(wire.KindState, &pb.ReportedState{SpoolDepth: 4})
 	dev.SendRaw(wire.Topic("d1", wire.KindPresence), nil, true) // cleared retained topic
-	runLink(t, Options{Broker: "tcp://" + b.Addr().String(), Handler: rec, Metrics: reg})
+	opts := Options{Broker: "tcp://" + b.Addr().String(), Handler: rec, Metrics: reg}
+	if inline {
+		opts.Inline = b
+	}
+	runLink(t, opts)
 	testdevice.Eventually(t, func() (bool, string) {
 		k := rec.kinds()
 		return len(k) == 1, fmt.Sprint(k)
@@ -148,6 +159,51 @@ func TestDispatch(t *testing.T) {
 	} {
 		if !bytes.Contains(out.Bytes(), []byte(want)) {
 			t.Errorf("metrics lack %q:\n%s", want, out.String())
+		}
+	}
+}
+
+// TestInlineHoldsDevicesBack: with inline delivery, a controller that
+// stops reading holds the devices back (the queue stays full) and then
+// gets every message, in order, however many more than a session's
+// outbound queue (broker.ClientWritesPending) the devices sent meanwhile.
+func TestInlineHoldsDevicesBack(t *testing.T) {
+	b, _ := runBroker(t, "127.0.0.1:0")
+	url := "tcp://" + b.Addr().String()
+	gate := make(chan struct{})
+	var mu sync.Mutex
+	var got []uint64
+	l := runLink(t, Options{Broker: url, Inline: b, QueueSize: 4, Handler: HandlerFunc(func(_ context.Context, m Message) error {
+		<-gate
+		mu.Lock()
+		got = append(got, m.Envelope.GetEvent().GetGeneration())
+		mu.Unlock()
+		return nil
+	})})
+	go func() {
+		// Opened once the controller's queue is full and the broker is
+		// holding the device back.
+		deadline := time.Now().Add(testdevice.Timeout)
+		for len(l.queue) < cap(l.queue) && time.Now().Before(deadline) {
+			time.Sleep(time.Millisecond)
+		}
+		close(gate)
+	}()
+	dev := testdevice.Connect(t, url, "d1")
+	const n = broker.ClientWritesPending + 200
+	for i := range uint64(n) {
+		dev.Send(wire.KindEvents, &pb.Event{Generation: i})
+	}
+	testdevice.Eventually(t, func() (bool, string) {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(got) == n, fmt.Sprintf("%d of %d messages handled", len(got), n)
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	for i, g := range got {
+		if g != uint64(i) {
+			t.Fatalf("message %d is generation %d: out of order", i, g)
 		}
 	}
 }

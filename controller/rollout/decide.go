@@ -35,6 +35,11 @@ type run struct {
 	touched  bool
 	wakeAt   time.Time
 	lastGate time.Time
+	// settling is set while the running wave's devices are done but a
+	// gate waits for data that is due (Verdict.Wait): the end-of-wave
+	// gates are asked again at settleNext.
+	settling   bool
+	settleNext time.Time
 
 	dirtyRollout bool
 	dirtyWaves   map[*wave]bool
@@ -350,7 +355,12 @@ func (e *Engine) applyObs(r *run, d *dev, now time.Time) {
 			}
 		}
 	case d.step == StepActivated || d.step == StepHealthy:
-		if !ss.activeIs(r.model.Digest) && d.sawNew && processed && r.phase().progressing() {
+		// A state that still shows the version pending is no switch back:
+		// it is older than the one that showed it active (an agent whose
+		// connection dropped re-sends the reports the broker had not
+		// acknowledged, after newer ones), or the device is on its way
+		// to it again. A device that went back by itself gave it up.
+		if !ss.activeIs(r.model.Digest) && ss.pending.GetBundleSha256() != r.model.Digest && d.sawNew && processed && r.phase().progressing() {
 			if r.setStep(d, StepRolledBack, now) {
 				d.rec.Failure = "the device switched back to " + describe(ss.active) + " by itself"
 				if ss.lastError != "" {
@@ -417,6 +427,13 @@ func (e *Engine) applyEvent(ev store.StoredEvent, now time.Time) {
 			}
 		case "failed":
 			if d.step == StepActivated && isNew && r.phase().progressing() {
+				if ev.At.Before(d.rec.ActivatedAt) {
+					// Stamped by the device before it activated the
+					// version: a download or check that failed and was
+					// retried, reported late (re-sent after a dropped
+					// connection, or spooled); its retry succeeded.
+					break
+				}
 				// After activation only the health watch fails a version:
 				// the device had nothing to go back to and keeps serving it.
 				if r.setStep(d, StepFailed, now) {
@@ -580,7 +597,7 @@ func (e *Engine) runWaves(ctx context.Context, r *run, now time.Time) {
 				return
 			}
 			r.setWave(w, WaveRunning, now)
-			r.lastGate = now
+			r.lastGate, r.settling = now, false
 			r.note(now, "wave %d of %d started: %d devices", i+1, len(r.waves), w.rec.Size)
 		case WaveHeld:
 			// Paused on inconclusive gates; resume overrides them.
@@ -598,17 +615,34 @@ func (e *Engine) runWaves(ctx context.Context, r *run, now time.Time) {
 				return
 			}
 		}
+		if r.settling && now.Before(r.settleNext) {
+			return
+		}
 		verdicts := e.evaluate(ctx, r, i, now, true)
 		e.setVerdicts(r, w, verdicts)
 		if bad := pick(verdicts, Fail); len(bad) > 0 {
+			r.settling = false
 			e.fail(ctx, r, now, fmt.Sprintf("gate failed in wave %d: %s", i+1, bad))
 			return
 		}
 		if doubt := pick(verdicts, Inconclusive); len(doubt) > 0 && !w.rec.Override {
+			if due := waitFor(verdicts, now); !due.IsZero() {
+				// Data that is due has not come yet (a latency gate
+				// waits for the minute after the activations): ask
+				// again soon rather than pausing for an operator.
+				if !r.settling {
+					r.note(now, "wave %d of %d: its devices are done; gates wait for their data until %s: %s", i+1, len(r.waves), due.UTC().Format(time.TimeOnly), doubt)
+				}
+				r.settling = true
+				r.settleNext = minTime(now.Add(e.o.GateInterval), due)
+				return
+			}
+			r.settling = false
 			r.setWave(w, WaveHeld, now)
 			r.setPhase(PhasePaused, now, fmt.Sprintf("gates inconclusive at the end of wave %d: %s; resume to go on anyway", i+1, doubt))
 			return
 		}
+		r.settling = false
 		r.setWave(w, WavePassed, now)
 		r.note(now, "wave %d of %d passed", i+1, len(r.waves))
 		r.ro.Wave++
@@ -647,6 +681,25 @@ func (e *Engine) midGates(ctx context.Context, r *run, now time.Time) bool {
 	return false
 }
 
+// waitFor returns the latest time an inconclusive verdict waits for data
+// that is still due after now; zero when none does.
+func waitFor(vs []Verdict, now time.Time) time.Time {
+	var due time.Time
+	for _, v := range vs {
+		if v.Result == Inconclusive && v.Wait.After(now) && v.Wait.After(due) {
+			due = v.Wait
+		}
+	}
+	return due
+}
+
+func minTime(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return a
+	}
+	return b
+}
+
 func pick(vs []Verdict, res Result) string {
 	var out []string
 	for _, v := range vs {
@@ -674,30 +727,7 @@ func (e *Engine) evaluate(ctx context.Context, r *run, i int, now time.Time, fin
 	if len(specs) == 0 {
 		return nil
 	}
-	in := &GateInput{
-		RolloutID: r.ro.ID, Wave: i, Model: r.ro.Model, Version: r.ro.Version,
-		Devices: map[string]bool{}, Since: r.waves[i].rec.StartedAt, Until: now, Final: final,
-		telemetry: e.o.Store,
-	}
-	in.BaselineSince = in.Since.Add(-e.o.BaselineWindow)
-	prev := map[string]int{}
-	for _, d := range r.byWave[i] {
-		if !d.rec.ActivatedAt.IsZero() {
-			in.Devices[d.rec.DeviceID] = true
-		}
-		if d.rec.PrevModel == r.ro.Model && d.rec.PrevVersion != r.ro.Version {
-			prev[d.rec.PrevVersion]++
-		}
-	}
-	for v := range prev {
-		in.Previous = append(in.Previous, v)
-	}
-	slices.SortFunc(in.Previous, func(a, b string) int {
-		if c := cmp.Compare(prev[b], prev[a]); c != 0 {
-			return c
-		}
-		return cmp.Compare(a, b)
-	})
+	in := e.gateInput(r, i, now, final)
 	out := make([]Verdict, 0, len(specs))
 	for _, gs := range specs {
 		f := e.gates[gs.Type]
@@ -719,6 +749,54 @@ func (e *Engine) evaluate(ctx context.Context, r *run, i int, now time.Time, fin
 		out = append(out, v)
 	}
 	return out
+}
+
+// gateInput is what the gates of wave i judge now.
+func (e *Engine) gateInput(r *run, i int, now time.Time, final bool) *GateInput {
+	in := &GateInput{
+		RolloutID: r.ro.ID, Wave: i, Model: r.ro.Model, Version: r.ro.Version,
+		Devices: map[string]bool{}, Activated: map[string]time.Time{}, Control: map[string]time.Time{},
+		Since: r.waves[i].rec.StartedAt, Until: now, Final: final,
+		telemetry: e.o.Store,
+	}
+	in.BaselineSince = in.Since.Add(-e.o.BaselineWindow)
+	prev := map[string]int{}
+	for _, d := range r.byWave[i] {
+		if !d.rec.ActivatedAt.IsZero() {
+			in.Devices[d.rec.DeviceID] = true
+			in.Activated[d.rec.DeviceID] = d.rec.ActivatedAt
+		}
+		if d.rec.PrevModel == r.ro.Model && d.rec.PrevVersion != r.ro.Version {
+			prev[d.rec.PrevVersion]++
+		}
+	}
+	for v := range prev {
+		in.Previous = append(in.Previous, v)
+	}
+	slices.SortFunc(in.Previous, func(a, b string) int {
+		if c := cmp.Compare(prev[b], prev[a]); c != 0 {
+			return c
+		}
+		return cmp.Compare(a, b)
+	})
+	// The control cohort: the rollout's other devices that run one of
+	// those versions now (later waves, devices rolled back), as they
+	// last reported, with the time they activated it.
+	for _, d := range r.devs {
+		if d.rec.Wave == i {
+			continue
+		}
+		o := e.obs[d.rec.DeviceID]
+		if o == nil {
+			continue
+		}
+		ss := o.slots[r.ro.Slot]
+		if ss.active == nil || ss.active.GetName() != r.ro.Model || prev[ss.active.GetVersion()] == 0 {
+			continue
+		}
+		in.Control[d.rec.DeviceID] = ss.since
+	}
+	return in
 }
 
 // notify issues the desired state to the pending devices of wave i, as

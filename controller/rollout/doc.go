@@ -25,13 +25,18 @@
 // # Gates
 //
 // Gates (gate.go) are hooks: a Gate interface, a GateBase to embed, and
-// GateFactory by type name. The built-in errorRate and latency gates read
-// the stored inference records of the wave's devices and of the previous
-// version; shadowAgreement and drift read a ShadowSource and a
-// DriftSource. A wave gated on shadowAgreement runs in shadow first and
-// switches its devices only once the gate passes (shadow.go). A failing
-// gate stops the rollout at once; gates that cannot decide at the end of
-// a wave pause it until an operator resumes.
+// GateFactory by type name. The built-in errorRate gate reads the stored
+// per-minute aggregates of the wave's devices; the latency gate compares
+// them with the previous version over the same minutes, on the rollout's
+// devices outside the wave, leaving out minutes in which a device was
+// installing or activating (baseline.go); shadowAgreement and drift read
+// a ShadowSource and a DriftSource. A wave gated on shadowAgreement runs
+// in shadow first and switches its devices only once the gate passes
+// (shadow.go). A failing gate stops the rollout at once; gates that
+// cannot decide at the end of a wave pause it until an operator resumes,
+// unless the data they lack is due (Verdict.Wait: the latency gate's
+// first minute after the activations), in which case the engine asks
+// them again until then.
 //
 // # One decider, persistence before action
 //

@@ -66,8 +66,10 @@ type Options struct {
 	// GateInterval is how often gates are checked while a wave soaks
 	// (default 10s); they are always checked when the wave ends.
 	GateInterval time.Duration
-	// BaselineWindow is how far before a wave the previous version's
-	// latency is taken from (default 1h).
+	// BaselineWindow is how far before a wave the latency gate's fallback
+	// baseline (the wave's own devices before they updated, used only
+	// when no device outside the wave ran the previous version in the
+	// same minutes) may reach (default 1h).
 	BaselineWindow time.Duration
 	// RestartGrace is the least time a device gets after the controller
 	// starts before its deadline counts: while the controller was down the
@@ -555,6 +557,9 @@ func (e *Engine) nextWake(r *run, now time.Time) time.Time {
 	if r.ro.Wave < len(r.waves) && r.waves[r.ro.Wave].state == WaveRunning {
 		if g := r.lastGate.Add(e.o.GateInterval); g.Before(next) {
 			next = g
+		}
+		if r.settling && r.settleNext.Before(next) {
+			next = r.settleNext
 		}
 	}
 	return next

@@ -41,6 +41,11 @@ type Verdict struct {
 	Detail  string   `json:"detail"`
 	Figures []Figure `json:"figures,omitempty"`
 	At      string   `json:"at,omitempty"`
+	// Wait, on an Inconclusive verdict, is when the data the gate lacks
+	// is due (the latency gate's first minute after activation): at the
+	// end of a wave the engine asks again until then instead of pausing
+	// at once. Zero: asking again will not help.
+	Wait time.Time `json:"-"`
 }
 
 // Gate judges a wave from its telemetry. Evaluate runs on the engine's
@@ -97,6 +102,9 @@ var builtinGates = map[string]GateFactory{
 // Telemetry is where gates read inference outcomes; *store.Store is one.
 type Telemetry interface {
 	InferenceSamples(ctx context.Context, model, version string, since, until time.Time, limit int) ([]store.InferenceSample, error)
+	// Minutes and InstallSpans feed the latency comparison (baseline.go).
+	Minutes(ctx context.Context, q store.MinuteQuery) ([]store.Minute, error)
+	InstallSpans(ctx context.Context, ids []string, since, until time.Time) (map[string][]store.InstallSpan, error)
 }
 
 // MaxSamples bounds the inference records one gate evaluation reads per
@@ -116,10 +124,17 @@ type GateInput struct {
 	Previous []string
 	// Devices are the wave's devices that activated the new version.
 	Devices map[string]bool
+	// Activated is when each of Devices activated the new version.
+	Activated map[string]time.Time
+	// Control is the rollout's cohort outside this wave that runs one of
+	// Previous now, with the time each device activated it: the latency
+	// gate's baseline runs concurrently with the wave (baseline.go).
+	Control map[string]time.Time
 	// Since and Until bound the wave's window: from its start to now.
 	Since, Until time.Time
-	// BaselineSince is where the previous version's window starts (before
-	// the wave, so the baseline is not only what is left of the fleet).
+	// BaselineSince is how far back before the wave the latency gate's
+	// fallback baseline (the wave's own devices before they updated) may
+	// reach, when no device outside the wave gives a concurrent one.
 	BaselineSince time.Time
 	// Final is set for the evaluation at the end of the wave.
 	Final bool
@@ -127,8 +142,10 @@ type GateInput struct {
 	telemetry Telemetry
 	once      sync.Once
 	wave      Samples
-	base      Samples
 	err       error
+	latOnce   sync.Once
+	lat       LatencyComparison
+	latErr    error
 }
 
 // Samples are inference outcomes summed up.
@@ -196,34 +213,28 @@ func (in *GateInput) load(ctx context.Context) {
 			return
 		}
 		in.wave = summarize(recs, func(id string) bool { return in.Devices[id] })
-		var base []store.InferenceSample
-		for _, v := range in.Previous {
-			if v == in.Version {
-				continue
-			}
-			recs, err := in.telemetry.InferenceSamples(ctx, in.Model, v, in.BaselineSince, in.Until, MaxSamples)
-			if err != nil {
-				in.err = err
-				return
-			}
-			base = append(base, recs...)
-		}
-		in.base = summarize(base, func(string) bool { return true })
 	})
 }
 
 // WaveSamples returns the new version's inferences on the wave's devices
-// within the wave's window.
+// within the wave's window, every minute of it: an error in the minute a
+// device switched is still an error of the new version.
 func (in *GateInput) WaveSamples(ctx context.Context) (Samples, error) {
 	in.load(ctx)
 	return in.wave, in.err
 }
 
-// BaselineSamples returns the previous versions' inferences, on any
-// device, from BaselineSince to Until.
-func (in *GateInput) BaselineSamples(ctx context.Context) (Samples, error) {
-	in.load(ctx)
-	return in.base, in.err
+// Latency returns the new version's latencies and the baseline they are
+// judged against, over matching minutes with install and activation
+// minutes left out (baseline.go).
+func (in *GateInput) Latency(ctx context.Context) (LatencyComparison, error) {
+	in.latOnce.Do(func() {
+		if in.telemetry == nil {
+			return
+		}
+		in.lat, in.latErr = compareLatency(ctx, in)
+	})
+	return in.lat, in.latErr
 }
 
 func limit(v float64) *float64 { return &v }
@@ -272,7 +283,9 @@ func (g *ErrorRateGate) Evaluate(ctx context.Context, in *GateInput) Verdict {
 }
 
 // LatencyGate compares the new version's latency percentiles with those of
-// the previous version on the rest of the fleet.
+// the previous version over the same minutes: on the rollout's devices
+// outside the wave (the control cohort), or, when none ran it then, on
+// the wave's own devices before they updated (baseline.go).
 type LatencyGate struct {
 	GateBase
 	// MaxP95Ratio and MaxP99Ratio bound new/previous; 0 skips that one.
@@ -285,45 +298,87 @@ func (g *LatencyGate) Name() string { return GateLatency }
 
 // Evaluate judges the wave's latency regression.
 func (g *LatencyGate) Evaluate(ctx context.Context, in *GateInput) Verdict {
-	v := Verdict{Gate: GateLatency}
-	s, err := in.WaveSamples(ctx)
-	if err == nil {
-		var b Samples
-		b, err = in.BaselineSamples(ctx)
-		if err == nil {
-			return g.judge(in, s, b)
-		}
+	c, err := in.Latency(ctx)
+	if err != nil {
+		return Verdict{Gate: GateLatency, Result: Inconclusive, Detail: "cannot read telemetry: " + err.Error()}
 	}
-	v.Result, v.Detail = Inconclusive, "cannot read telemetry: "+err.Error()
-	return v
+	return g.judge(in, c)
 }
 
-func (g *LatencyGate) judge(in *GateInput, s, b Samples) Verdict {
+// minTail is how many samples the latency gate wants beyond a quantile
+// before it reads it, while more are due (LatencyComparison.Settled).
+const minTail = 20.0
+
+func (g *LatencyGate) judge(in *GateInput, c LatencyComparison) Verdict {
 	v := Verdict{Gate: GateLatency}
 	prev := strings.Join(in.Previous, ",")
 	if prev == "" {
 		prev = "the previous version"
 	}
+	nw, nb := c.Candidate.N(), c.Baseline.N()
 	v.Figures = []Figure{
-		{Name: "samples", Value: float64(len(s.Latencies)), Limit: limit(float64(g.MinInferences)), Unit: "min"},
-		{Name: "baselineSamples", Value: float64(len(b.Latencies)), Limit: limit(float64(g.MinInferences)), Unit: "min"},
+		{Name: "samples", Value: float64(nw), Limit: limit(float64(g.MinInferences)), Unit: "min"},
+		{Name: "baselineSamples", Value: float64(nb), Limit: limit(float64(g.MinInferences)), Unit: "min"},
+		{Name: "baselineDevices", Value: float64(c.BaselineDevices)},
+		{Name: "minutes", Value: float64(c.Minutes)},
 	}
-	if len(s.Latencies) < g.MinInferences || len(b.Latencies) < g.MinInferences {
+	need := max(g.MinInferences, 1)
+	switch {
+	case nw < need:
+		v.Result, v.Wait = Inconclusive, c.Settled
+		v.Detail = fmt.Sprintf("insufficient data: %d latency samples of %s on %d of the wave's devices, counting only minutes after the one each activated in; need %d",
+			nw, in.Version, c.CandidateDevices, need)
+		return v
+	case nb < need:
 		v.Result = Inconclusive
-		v.Detail = fmt.Sprintf("%d latency samples on %s and %d on %s; need %d of each", len(s.Latencies), in.Version, len(b.Latencies), prev, g.MinInferences)
+		switch {
+		case len(in.Previous) == 0:
+			v.Detail = fmt.Sprintf("insufficient baseline: the wave's devices ran no earlier version of %s to compare %s with", in.Model, in.Version)
+		case c.Concurrent:
+			v.Wait = c.Settled
+			v.Detail = fmt.Sprintf("insufficient baseline: %d latency samples of %s on %d devices outside the wave in the same %d minutes; need %d",
+				nb, prev, c.BaselineDevices, c.Minutes, need)
+		default:
+			outside := "no device outside the wave runs " + prev
+			if c.ControlDevices > 0 {
+				v.Wait = c.Settled // the control cohort may still report
+				outside = fmt.Sprintf("none of the %d devices outside the wave on %s reported in the same %d minutes", c.ControlDevices, prev, c.Minutes)
+			}
+			v.Detail = fmt.Sprintf("insufficient baseline: %s, and the wave's own devices have %d latency samples of it in the %s before the wave; need %d",
+				outside, nb, in.Since.Sub(in.BaselineSince).Round(time.Minute), need)
+		}
 		return v
 	}
-	v.Result = Pass
-	var parts []string
-	for _, p := range []struct {
+	quantiles := []struct {
 		name string
 		q    float64
 		max  float64
-	}{{"p95", 0.95, g.MaxP95Ratio}, {"p99", 0.99, g.MaxP99Ratio}} {
+	}{{"p95", 0.95, g.MaxP95Ratio}, {"p99", 0.99, g.MaxP99Ratio}}
+	// A quantile of a few samples is a handful of the slowest calls: on a
+	// busy device, scheduling noise. While the window still grows, wait
+	// until minTail samples lie beyond each quantile judged; once it is
+	// settled, MinInferences is the floor.
+	if in.Until.Before(c.Settled) {
+		want, name := 0, ""
+		for _, p := range quantiles {
+			if n := int(math.Ceil(minTail / (1 - p.q))); p.max > 0 && n > want {
+				want, name = n, p.name
+			}
+		}
+		if nw < want || nb < want {
+			v.Result, v.Wait = Inconclusive, c.Settled
+			v.Detail = fmt.Sprintf("collecting: %d latency samples of %s and %d of %s so far; judging at %d of each (%d beyond the %s), or at %s with at least %d",
+				nw, in.Version, nb, prev, want, int(minTail), name, c.Settled.UTC().Format(time.TimeOnly), need)
+			return v
+		}
+	}
+	v.Result = Pass
+	var parts []string
+	for _, p := range quantiles {
 		if p.max == 0 {
 			continue
 		}
-		nw, old := s.Quantile(p.q), b.Quantile(p.q)
+		nw, old := c.Candidate.Quantile(p.q), c.Baseline.Quantile(p.q)
 		ratio := float64(nw) / float64(max(old, time.Microsecond))
 		v.Figures = append(v.Figures,
 			Figure{Name: p.name, Value: float64(nw) / float64(time.Millisecond), Unit: "ms"},
@@ -335,6 +390,11 @@ func (g *LatencyGate) judge(in *GateInput, s, b Samples) Verdict {
 			mark = " ABOVE LIMIT"
 		}
 		parts = append(parts, fmt.Sprintf("%s %s on %s vs %s on %s: x%.2f (limit x%.2f)%s", p.name, msec(nw), in.Version, msec(old), prev, ratio, p.max, mark))
+	}
+	if c.Concurrent {
+		parts = append(parts, fmt.Sprintf("%d samples on %d devices vs %d on %d devices outside the wave, same %d minutes", nw, c.CandidateDevices, nb, c.BaselineDevices, c.Minutes))
+	} else {
+		parts = append(parts, fmt.Sprintf("%d samples on %d devices vs %d on the same devices before the wave (fallback: no device outside the wave ran %s in the same minutes)", nw, c.CandidateDevices, nb, prev))
 	}
 	v.Detail = strings.Join(parts, "; ")
 	return v

@@ -213,9 +213,7 @@ func (e *Engine) shadowWave(ctx context.Context, r *run, i int, now time.Time) b
 	}
 	w := r.waves[i]
 	if !r.shadowSwitched(i) {
-		in := &GateInput{RolloutID: r.ro.ID, Wave: i, Model: r.ro.Model, Version: r.ro.Version,
-			Devices: map[string]bool{}, Since: w.rec.StartedAt, Until: now, telemetry: e.o.Store}
-		in.BaselineSince = in.Since.Add(-e.o.BaselineWindow)
+		in := e.gateInput(r, i, now, false)
 		var vs []Verdict
 		res := Pass
 		for _, gs := range gates {

@@ -5,8 +5,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/edgefleet/edgefleet/controller/store"
 )
 
 func TestStepNames(t *testing.T) {
@@ -69,35 +67,20 @@ func TestStepTransitions(t *testing.T) {
 	}
 }
 
-type samples []store.InferenceSample
-
-type fakeTelemetry map[string]samples // by version
-
-func (f fakeTelemetry) InferenceSamples(_ context.Context, _, version string, _, _ time.Time, limit int) ([]store.InferenceSample, error) {
-	s := f[version]
-	return s[:min(limit, len(s))], nil
-}
-
-func gen(dev string, n int, latency time.Duration, errEvery int, errText string) samples {
-	var out samples
-	for i := range n {
-		s := store.InferenceSample{DeviceID: dev, LatencyUS: uint32(latency/time.Microsecond) + uint32(i%10)}
-		if errEvery > 0 && i%errEvery == 0 {
-			s.Error, s.LatencyUS = errText, 0
-		}
-		out = append(out, s)
-	}
-	return out
-}
-
 func TestGates(t *testing.T) {
 	ctx := context.Background()
-	newVer := append(gen("a", 100, 10*time.Millisecond, 0, ""), gen("outsider", 100, time.Second, 2, "boom")...)
-	slowVer := gen("a", 100, 40*time.Millisecond, 0, "")
-	failing := append(gen("a", 90, 10*time.Millisecond, 3, "model trapped"), gen("a", 10, 0, 1, "inference timed out")...)
-	tel := fakeTelemetry{"1.0.0": gen("b", 200, 10*time.Millisecond, 0, ""), "2.0.0": newVer, "2.1.0": slowVer, "2.2.0": failing}
+	tel := newGateTelemetry(t)
+	// Device a activated the new versions at 9:57; b, outside the wave,
+	// runs 1.0.0 since long before. Their calls are in minute 9:59.
+	m := gt0.Add(-time.Minute)
+	tel.put("a", "2.0.0", m, 100, 10*time.Millisecond, 0, "")
+	tel.put("outsider", "2.0.0", m, 100, time.Second, 2, "boom")
+	tel.put("a", "2.1.0", m, 100, 40*time.Millisecond, 0, "")
+	tel.put("a", "2.2.0", m, 90, 10*time.Millisecond, 3, "model trapped")
+	tel.put("a", "2.2.0", m, 10, 0, 1, "inference timed out")
+	tel.put("b", "1.0.0", m, 200, 10*time.Millisecond, 0, "")
 	input := func(version string) *GateInput {
-		return &GateInput{Model: "m", Version: version, Previous: []string{"1.0.0"}, Devices: map[string]bool{"a": true}, telemetry: tel}
+		return tel.input(version, map[string]time.Time{"a": gt0.Add(-3 * time.Minute)}, map[string]time.Time{"b": gt0.Add(-time.Hour)})
 	}
 	cases := []struct {
 		name    string
@@ -109,9 +92,9 @@ func TestGates(t *testing.T) {
 		{"error rate passes, outsiders ignored", &ErrorRateGate{Max: 0.05, MinInferences: 20}, "2.0.0", Pass, "error rate 0.00% (0 errors, 0 timeouts in 100 inferences)"},
 		{"error rate fails", &ErrorRateGate{Max: 0.05, MinInferences: 20}, "2.2.0", Fail, "error rate 40.00% (30 errors, 10 timeouts in 100 inferences) is above the ceiling 5.00%"},
 		{"error rate needs data", &ErrorRateGate{Max: 0.05, MinInferences: 500}, "2.0.0", Inconclusive, "100 inferences on 2.0.0"},
-		{"latency passes", &LatencyGate{MaxP99Ratio: 1.5, MaxP95Ratio: 1.2, MinInferences: 20}, "2.0.0", Pass, "p99 10.0ms on 2.0.0 vs 10.0ms on 1.0.0: x1.00"},
-		{"latency 4x fails", &LatencyGate{MaxP99Ratio: 1.5, MinInferences: 20}, "2.1.0", Fail, "p99 40.0ms on 2.1.0 vs 10.0ms on 1.0.0: x4.00 (limit x1.50) ABOVE LIMIT"},
-		{"latency needs a baseline", &LatencyGate{MaxP99Ratio: 1.5, MinInferences: 500}, "2.1.0", Inconclusive, "need 500 of each"},
+		{"latency passes", &LatencyGate{MaxP99Ratio: 1.5, MaxP95Ratio: 1.2, MinInferences: 20}, "2.0.0", Pass, "p95 9.9ms on 2.0.0 vs 9.9ms on 1.0.0: x1.00 (limit x1.20); p99 9.9ms on 2.0.0 vs 9.9ms on 1.0.0: x1.00 (limit x1.50); 100 samples on 1 devices vs 200 on 1 devices outside the wave, same 1 minutes"},
+		{"latency 4x fails", &LatencyGate{MaxP99Ratio: 1.5, MinInferences: 20}, "2.1.0", Fail, "p99 41.3ms on 2.1.0 vs 9.9ms on 1.0.0: x4.18 (limit x1.50) ABOVE LIMIT"},
+		{"latency needs data", &LatencyGate{MaxP99Ratio: 1.5, MinInferences: 150}, "2.1.0", Inconclusive, "insufficient data: 100 latency samples of 2.1.0"},
 		{"shadow without data", &ShadowAgreementGate{Min: 0.9}, "2.0.0", Inconclusive, "no data for the shadowAgreement gate"},
 		{"drift without data", &DriftGate{Max: 0.2}, "2.0.0", Inconclusive, "no data for the drift gate"},
 		{"drift with a source", &DriftGate{Max: 0.2, MinInferences: 10, Source: driftFunc(func() (float64, int) { return 0.5, 100 })}, "2.0.0", Fail, "drift 0.500 over 100 outputs is above 0.200"},

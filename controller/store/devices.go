@@ -84,26 +84,45 @@ type Event struct {
 // ensureDevice creates the device row if missing and moves last_seen
 // forward to at; every message from a device goes through here first.
 func (s *Store) ensureDevice(ctx context.Context, tx *sql.Tx, id string, at time.Time) error {
-	_, err := tx.ExecContext(ctx, `
-		INSERT INTO devices (id, created_ms, last_seen_ms) VALUES (?, ?, ?)
-		ON CONFLICT (id) DO UPDATE SET last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)`,
-		id, s.now().UnixMilli(), ms(at))
+	_, err := tx.ExecContext(ctx, ensureDeviceSQL, id, s.now().UnixMilli(), ms(at))
 	if err != nil {
 		return fmt.Errorf("device %s: %w", id, err)
 	}
 	return nil
 }
 
-func (s *Store) applyReport(ctx context.Context, tx *sql.Tx, id string, r *Report) error {
+// The statements of device messages, shared by the one-message methods and
+// ApplyDeviceUpdates (devices_batch.go).
+const (
+	ensureDeviceSQL = `
+		INSERT INTO devices (id, created_ms, last_seen_ms) VALUES (?, ?, ?)
+		ON CONFLICT (id) DO UPDATE SET last_seen_ms = MAX(last_seen_ms, excluded.last_seen_ms)`
+	applyReportSQL = `
+		UPDATE devices SET reported = ?, health = ?, reported_generation = ?, spool_depth = ?,
+			agent_version = CASE WHEN ? = '' THEN agent_version ELSE ? END
+		WHERE id = ?`
+	setOnlineSQL   = `UPDATE devices SET online = ? WHERE id = ?`
+	insertEventSQL = `
+		INSERT INTO events (device_id, kind, slot, model, version, generation, rollout_id, detail, at_ms)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`
+)
+
+// reportArgs are applyReportSQL's arguments.
+func reportArgs(id string, r *Report) []any {
 	health := r.Health
 	if health == "" {
 		health = HealthUnknown
 	}
-	_, err := tx.ExecContext(ctx, `
-		UPDATE devices SET reported = ?, health = ?, reported_generation = ?, spool_depth = ?,
-			agent_version = CASE WHEN ? = '' THEN agent_version ELSE ? END
-		WHERE id = ?`,
-		r.State, health, int64(r.ReportedGeneration), int64(r.SpoolDepth), r.AgentVersion, r.AgentVersion, id)
+	return []any{r.State, health, int64(r.ReportedGeneration), int64(r.SpoolDepth), r.AgentVersion, r.AgentVersion, id}
+}
+
+// eventArgs are insertEventSQL's arguments.
+func eventArgs(e *Event) []any {
+	return []any{e.DeviceID, e.Kind, e.Slot, e.Model, e.Version, int64(e.Generation), e.RolloutID, e.Detail, ms(e.At)}
+}
+
+func (s *Store) applyReport(ctx context.Context, tx *sql.Tx, id string, r *Report) error {
+	_, err := tx.ExecContext(ctx, applyReportSQL, reportArgs(id, r)...)
 	if err != nil {
 		return fmt.Errorf("device %s: update reported state: %w", id, err)
 	}
@@ -118,20 +137,29 @@ func (s *Store) UpsertHello(ctx context.Context, h Hello) error {
 }
 
 func (s *Store) upsertHello(ctx context.Context, tx *sql.Tx, h Hello) error {
+	if err := s.ensureDevice(ctx, tx, h.ID, h.At); err != nil {
+		return err
+	}
+	if err := s.helloColumns(ctx, tx, h); err != nil {
+		return err
+	}
+	if h.Report != nil {
+		return s.applyReport(ctx, tx, h.ID, h.Report)
+	}
+	return nil
+}
+
+// helloColumns stores what a hello says besides its state, on a device
+// row that exists.
+func (s *Store) helloColumns(ctx context.Context, tx *sql.Tx, h Hello) error {
 	labels, err := json.Marshal(nonNil(h.Labels))
 	if err != nil {
 		return fmt.Errorf("device %s: labels: %w", h.ID, err)
-	}
-	if err := s.ensureDevice(ctx, tx, h.ID, h.At); err != nil {
-		return err
 	}
 	if _, err := tx.ExecContext(ctx, `
 		UPDATE devices SET labels = ?, agent_version = ?, os = ?, arch = ?, online = 1 WHERE id = ?`,
 		string(labels), h.AgentVersion, h.OS, h.Arch, h.ID); err != nil {
 		return fmt.Errorf("device %s: update from hello: %w", h.ID, err)
-	}
-	if h.Report != nil {
-		return s.applyReport(ctx, tx, h.ID, h.Report)
 	}
 	return nil
 }
@@ -152,7 +180,7 @@ func (s *Store) SetPresence(ctx context.Context, id string, online bool, at time
 		if err := s.ensureDevice(ctx, tx, id, at); err != nil {
 			return err
 		}
-		_, err := tx.ExecContext(ctx, `UPDATE devices SET online = ? WHERE id = ?`, online, id)
+		_, err := tx.ExecContext(ctx, setOnlineSQL, online, id)
 		return err
 	})
 }
@@ -176,10 +204,7 @@ func (s *Store) AppendEvent(ctx context.Context, e Event, seen time.Time) error 
 }
 
 func insertEvent(ctx context.Context, tx *sql.Tx, e Event) error {
-	_, err := tx.ExecContext(ctx, `
-		INSERT INTO events (device_id, kind, slot, model, version, generation, rollout_id, detail, at_ms)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		e.DeviceID, e.Kind, e.Slot, e.Model, e.Version, int64(e.Generation), e.RolloutID, e.Detail, ms(e.At))
+	_, err := tx.ExecContext(ctx, insertEventSQL, eventArgs(&e)...)
 	if err != nil {
 		return fmt.Errorf("device %s: insert event: %w", e.DeviceID, err)
 	}

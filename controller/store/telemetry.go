@@ -108,7 +108,34 @@ type TelemetryBatch struct {
 	// Body is the batch as received, kept as the raw records, in Encoding.
 	Body     []byte
 	Encoding BodyEncoding
+	// Inferences are per-inference records in compact form, besides
+	// Records: what the controller's decoder reads them into, with no
+	// strings or times of their own, so a batch of hundreds is one
+	// allocation and folds without a map lookup per record. Each is stored
+	// exactly as the same record in Records would be (deduped by seq,
+	// folded into its minute). Names and Errors are what their indexes
+	// point at.
+	Inferences []InferenceRow
+	Names      []ModelVersion
+	Errors     []string
 }
+
+// InferenceRow is one per-inference record in compact form (see
+// TelemetryBatch.Inferences).
+type InferenceRow struct {
+	Seq uint64
+	// AtMS is when the inference ran, in Unix milliseconds; 0 or less is
+	// unknown: the batch's Seen stands for it, as for TelemetryRecord.
+	AtMS      int64
+	LatencyUS uint32
+	// Name indexes TelemetryBatch.Names.
+	Name uint32
+	// Error is 0 for a success, else 1 + an index of TelemetryBatch.Errors.
+	Error uint32
+}
+
+// ModelVersion names a model version.
+type ModelVersion struct{ Model, Version string }
 
 // TelemetryResult says what storing one batch did.
 type TelemetryResult struct {
@@ -294,7 +321,8 @@ type stream struct {
 	device, epoch string
 	orig          map[uint64]uint64 // first -> last, as stored
 	have          []span            // sorted, disjoint, not touching
-	fresh         []uint64          // seqs stored by this transaction
+	fresh         []span            // seqs stored by this transaction, unsorted
+	freshN        int               // how many
 	inferences    int64
 	body          []byte // framed bodies of the group's batches
 	haveBody      bool
@@ -451,7 +479,7 @@ func (w *telemetryWriter) batch(ctx context.Context, b *TelemetryBatch) (Telemet
 	if b.Seen.After(dc.seen) {
 		dc.seen = b.Seen
 	}
-	if len(b.Records) == 0 {
+	if len(b.Records) == 0 && len(b.Inferences) == 0 {
 		return res, nil
 	}
 	st, err := w.stream(ctx, b.DeviceID, b.Epoch)
@@ -460,29 +488,15 @@ func (w *telemetryWriter) batch(ctx context.Context, b *TelemetryBatch) (Telemet
 	}
 	// Agents send seqs ascending; then a repeat inside the batch is
 	// impossible and needs no set.
-	ascending := true
-	for i := 1; i < len(b.Records); i++ {
-		if b.Records[i].Seq <= b.Records[i-1].Seq {
-			ascending = false
-			break
-		}
+	d := dedupe{have: st.have, res: &res}
+	if !distinctAscending(b) {
+		d.taken = make(map[uint64]bool, len(b.Records)+len(b.Inferences))
 	}
-	var taken map[uint64]bool
-	if !ascending {
-		taken = make(map[uint64]bool, len(b.Records))
-	}
-	start := len(st.fresh)
 	for i := range b.Records {
 		r := &b.Records[i]
-		if covers(st.have, r.Seq) || (taken != nil && taken[r.Seq]) {
-			res.Duplicates++
+		if !d.isNew(r.Seq) {
 			continue
 		}
-		if taken != nil {
-			taken[r.Seq] = true
-		}
-		st.fresh = append(st.fresh, r.Seq)
-		res.Inserted++
 		if err := w.record(ctx, b.DeviceID, r, dc); err != nil {
 			return res, err
 		}
@@ -490,10 +504,15 @@ func (w *telemetryWriter) batch(ctx context.Context, b *TelemetryBatch) (Telemet
 			st.inferences++
 		}
 	}
+	if err := w.inferences(b, st, dc, &d); err != nil {
+		return res, err
+	}
 	if res.Inserted == 0 {
 		return res, nil
 	}
-	st.have = union(st.have, spans(slices.Clone(st.fresh[start:])))
+	st.have = union(st.have, d.added)
+	st.fresh = append(st.fresh, d.added...)
+	st.freshN += res.Inserted
 	if b.Encoding != BodyNone && b.Body != nil {
 		st.body = protowire.AppendVarint(st.body, uint64(b.Encoding))
 		st.body = protowire.AppendBytes(st.body, b.Body)
@@ -501,6 +520,145 @@ func (w *telemetryWriter) batch(ctx context.Context, b *TelemetryBatch) (Telemet
 	}
 	return res, nil
 }
+
+// dedupe tells a batch's new records from those already stored, and
+// collects the new seqs as ranges (one, for a batch of consecutive seqs).
+type dedupe struct {
+	have []span // stored before the batch
+	// taken holds the batch's seqs seen so far, when they may repeat.
+	taken map[uint64]bool
+	added []span
+	res   *TelemetryResult
+}
+
+// isNew reports whether seq is not stored yet, and if so takes it.
+func (d *dedupe) isNew(seq uint64) bool {
+	if covers(d.have, seq) || (d.taken != nil && d.taken[seq]) {
+		d.res.Duplicates++
+		return false
+	}
+	if d.taken != nil {
+		d.taken[seq] = true
+	}
+	d.take(seq)
+	return true
+}
+
+// take counts seq as stored by the batch.
+func (d *dedupe) take(seq uint64) {
+	if n := len(d.added); n > 0 && d.added[n-1].last != ^uint64(0) && d.added[n-1].last+1 == seq {
+		d.added[n-1].last = seq
+	} else {
+		d.added = append(d.added, span{seq, seq})
+	}
+	d.res.Inserted++
+}
+
+// distinctAscending reports whether b's seqs ascend strictly in Records and
+// in Inferences, with none in both: then no seq repeats inside b.
+func distinctAscending(b *TelemetryBatch) bool {
+	for i := 1; i < len(b.Records); i++ {
+		if b.Records[i].Seq <= b.Records[i-1].Seq {
+			return false
+		}
+	}
+	for i := 1; i < len(b.Inferences); i++ {
+		if b.Inferences[i].Seq <= b.Inferences[i-1].Seq {
+			return false
+		}
+	}
+	for i, j := 0, 0; i < len(b.Records) && j < len(b.Inferences); {
+		switch a, c := b.Records[i].Seq, b.Inferences[j].Seq; {
+		case a == c:
+			return false
+		case a < c:
+			i++
+		default:
+			j++
+		}
+	}
+	return true
+}
+
+// overlaps reports whether any of the sorted spans meets [lo, hi].
+func overlaps(have []span, lo, hi uint64) bool {
+	i, _ := slices.BinarySearchFunc(have, lo, func(r span, v uint64) int { return cmp.Compare(r.last, v) })
+	return i < len(have) && have[i].first <= hi
+}
+
+// inferences stores b.Inferences: each new one is folded into its minute
+// aggregate and the device's counters, as record does for a
+// RecordInference. When no seq of b repeats (d.taken is nil) and b's seq
+// span meets nothing stored, all are new, and need no lookup each.
+func (w *telemetryWriter) inferences(b *TelemetryBatch, st *stream, dc *deviceCounts, d *dedupe) error {
+	rows := b.Inferences
+	if len(rows) == 0 {
+		return nil
+	}
+	fresh := d.taken == nil && !overlaps(d.have, rows[0].Seq, rows[len(rows)-1].Seq)
+	// timeout caches summary.IsTimeout per error text: 0 unknown, 1 no, 2 yes.
+	timeout := make([]int8, len(b.Errors))
+	seen := b.Seen.UnixMilli()
+	var agg *pb.InferenceAggregate
+	lastName, lastMinute := uint32(0), int64(0)
+	for i := range rows {
+		r := &rows[i]
+		if int(r.Name) >= len(b.Names) || int(r.Error) > len(b.Errors) {
+			return fmt.Errorf("telemetry of %s, seq %d: inference row names model %d of %d and error %d of %d", b.DeviceID, r.Seq, r.Name, len(b.Names), r.Error, len(b.Errors))
+		}
+		if fresh {
+			d.take(r.Seq)
+		} else if !d.isNew(r.Seq) {
+			continue
+		}
+		at := r.AtMS
+		if at <= 0 {
+			at = seen
+		}
+		minute := at - ((at%60_000)+60_000)%60_000
+		if agg == nil || r.Name != lastName || minute != lastMinute {
+			n := b.Names[r.Name]
+			key := minuteKey{device: b.DeviceID, model: n.Model, version: n.Version, source: SourceRecords, minute: minute}
+			if agg = w.minutes[key]; agg == nil {
+				agg = &pb.InferenceAggregate{Model: n.Model, Version: n.Version, StartUnixMs: minute, IntervalMs: 60_000, LatencyUs: summary.NewLatency()}
+				w.minutes[key] = agg
+			}
+			lastName, lastMinute = r.Name, minute
+		}
+		agg.Count++
+		dc.inferences++
+		st.inferences++
+		if r.Error != 0 {
+			agg.Errors++
+			dc.errors++
+			e := r.Error - 1
+			if timeout[e] == 0 {
+				timeout[e] = 1
+				if summary.IsTimeout(b.Errors[e]) {
+					timeout[e] = 2
+				}
+			}
+			if timeout[e] == 2 {
+				agg.Timeouts++
+			}
+		} else if int(r.LatencyUS) < len(shortLatency) {
+			agg.LatencyUs.Counts[shortLatency[r.LatencyUS]]++
+		} else {
+			summary.Observe(agg.LatencyUs, float64(r.LatencyUS), 1)
+		}
+	}
+	return nil
+}
+
+// shortLatency is summary.Bucket on summary.LatencyBounds of each latency
+// under 16 ms, in µs: most inferences, found without a binary search.
+var shortLatency = func() []uint8 {
+	t := make([]uint8, 16_384)
+	for v := range t {
+		t[v] = uint8(summary.Bucket(summary.LatencyBounds, float64(v)))
+	}
+	return t
+}()
 
 // record accounts for one newly stored record.
 func (w *telemetryWriter) record(ctx context.Context, id string, r *TelemetryRecord, dc *deviceCounts) error {
@@ -571,7 +729,7 @@ func minuteOf(t time.Time) int64 {
 func (w *telemetryWriter) finish(ctx context.Context) error {
 	var ranges, batches [][]any
 	for _, st := range w.order {
-		if len(st.fresh) == 0 {
+		if st.freshN == 0 {
 			continue
 		}
 		rows, err := w.rangeRows(ctx, st)
@@ -579,14 +737,14 @@ func (w *telemetryWriter) finish(ctx context.Context) error {
 			return err
 		}
 		ranges = append(ranges, rows...)
-		added := spans(st.fresh)
+		added := union(nil, st.fresh)
 		var body any
 		enc := BodyNone
 		if st.haveBody {
 			body, enc = st.body, BodyFramed
 		}
 		batches = append(batches, []any{st.device, st.epoch, seqKey(added[0].first), seqKey(added[len(added)-1].last),
-			len(st.fresh), st.inferences, encodeSpans(added), int(enc), body, w.now})
+			st.freshN, st.inferences, encodeSpans(added), int(enc), body, w.now})
 	}
 	if err := w.multi(ctx, `INSERT OR REPLACE INTO telemetry_seqs (device_id, spool_epoch, first, last) VALUES `, "", ranges); err != nil {
 		return fmt.Errorf("store telemetry seqs: %w", err)
@@ -608,9 +766,11 @@ func (w *telemetryWriter) finish(ctx context.Context) error {
 	minutes := make([][]any, 0, len(w.minutes))
 	for k, agg := range w.minutes {
 		if prev := w.s.telCache.getMinute(k); prev != nil {
-			// The cached object is what the store holds; merge into a
-			// copy, since this transaction may still fail.
-			prev = proto.Clone(prev).(*pb.InferenceAggregate)
+			// The cached object is what the store holds; merged in place
+			// all the same (no copy of a histogram per device and
+			// commit): if this transaction fails, StoreTelemetryBatches
+			// drops the whole cache, and only telemetry writers, one at a
+			// time, touch it.
 			_ = summary.MergeAggregate(prev, agg) // as in record
 			agg = prev
 		} else {

@@ -166,3 +166,121 @@ func FuzzDecodeSpans(f *testing.F) {
 		_, _ = decodeSpans(b)
 	})
 }
+
+// compact splits records into full records (all but inferences) and compact
+// rows, as the controller's decoder hands them over.
+func compact(b TelemetryBatch) TelemetryBatch {
+	out := b
+	out.Records = nil
+	for _, r := range b.Records {
+		if r.Kind != RecordInference {
+			out.Records = append(out.Records, r)
+			continue
+		}
+		row := InferenceRow{Seq: r.Seq, LatencyUS: r.LatencyUS}
+		if !r.At.Equal(b.Seen) {
+			row.AtMS = r.At.UnixMilli()
+		}
+		out.Names = append(out.Names, ModelVersion{r.Model, r.Version})
+		row.Name = uint32(len(out.Names) - 1)
+		if r.Error != "" {
+			out.Errors = append(out.Errors, r.Error)
+			row.Error = uint32(len(out.Errors))
+		}
+		out.Inferences = append(out.Inferences, row)
+	}
+	return out
+}
+
+// TestTelemetryCompactRowsMatchRecords stores the same batches as full
+// records in one store and with compact inference rows in another, through
+// resends, repeats, reordering and several model versions, and wants the
+// same results, minute aggregates, seqs and counters from both.
+func TestTelemetryCompactRowsMatchRecords(t *testing.T) {
+	ctx := context.Background()
+	full, rows := newStore(t), newStore(t)
+	rng := rand.New(rand.NewPCG(3, 4))
+	errs := []string{"", "", "", "timed out", "model trapped", "context deadline exceeded"}
+	rec := func(seq uint64) TelemetryRecord {
+		r := TelemetryRecord{Seq: seq, Kind: RecordInference, Model: "m", Version: []string{"1", "2"}[seq/40%2],
+			At: t0.Add(time.Duration(seq) * 700 * time.Millisecond), LatencyUS: uint32(rng.IntN(5000)), Error: errs[rng.IntN(len(errs))]}
+		switch {
+		case seq%53 == 0:
+			r = TelemetryRecord{Seq: seq, Kind: RecordEvent, At: t0, Event: &Event{Kind: "healthy", At: t0}}
+		case seq%31 == 0:
+			r.At = t0 // no time of its own: the batch's
+		}
+		return r
+	}
+	const n = 1500
+	all := make([]TelemetryRecord, n+1)
+	for seq := uint64(1); seq <= n; seq++ {
+		all[seq] = rec(seq)
+	}
+	for round := range 20 {
+		var group []TelemetryBatch
+		for range 1 + rng.IntN(4) {
+			lo := uint64(1 + rng.IntN(n))
+			hi := min(lo+uint64(rng.IntN(400)), n)
+			recs := slices.Clone(all[lo : hi+1])
+			switch rng.IntN(3) {
+			case 0:
+				rng.Shuffle(len(recs), func(i, j int) { recs[i], recs[j] = recs[j], recs[i] })
+			case 1:
+				recs = append(recs, recs[rng.IntN(len(recs))]) // a repeat
+			}
+			group = append(group, TelemetryBatch{DeviceID: []string{"a", "b"}[rng.IntN(2)], Epoch: "e", Seen: t0.Add(time.Duration(round) * time.Minute), Records: recs})
+		}
+		want, err := full.StoreTelemetryBatches(ctx, group)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var cgroup []TelemetryBatch
+		for _, b := range group {
+			cgroup = append(cgroup, compact(b))
+		}
+		got, err := rows.StoreTelemetryBatches(ctx, cgroup)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("round %d: compact rows stored %+v, full records %+v", round, got, want)
+		}
+	}
+	for _, dev := range []string{"a", "b"} {
+		ws, err1 := full.TelemetryStats(ctx, dev)
+		gs, err2 := rows.TelemetryStats(ctx, dev)
+		if err1 != nil || err2 != nil || gs != ws || gs.Records != gs.Distinct {
+			t.Fatalf("device %s: compact %+v (%v), full %+v (%v)", dev, gs, err2, ws, err1)
+		}
+		wd, _ := full.Device(ctx, dev)
+		gd, _ := rows.Device(ctx, dev)
+		if gd.Inferences != wd.Inferences || gd.InferenceErrors != wd.InferenceErrors || wd.Inferences == 0 {
+			t.Fatalf("device %s counters: compact %d/%d, full %d/%d", dev, gd.Inferences, gd.InferenceErrors, wd.Inferences, wd.InferenceErrors)
+		}
+	}
+	wm, err1 := full.Minutes(ctx, MinuteQuery{})
+	gm, err2 := rows.Minutes(ctx, MinuteQuery{})
+	if err1 != nil || err2 != nil || len(gm) != len(wm) || len(wm) < 10 {
+		t.Fatalf("%d minutes compact (%v), %d full (%v)", len(gm), err2, len(wm), err1)
+	}
+	key := func(m Minute) string { return m.DeviceID + "/" + m.Version + "/" + m.Start.String() }
+	byKey := map[string]Minute{}
+	for _, m := range wm {
+		byKey[key(m)] = m
+	}
+	for _, m := range gm {
+		w, ok := byKey[key(m)]
+		if !ok || !proto.Equal(m.Aggregate, w.Aggregate) {
+			t.Fatalf("minute %s: compact %v, full %v", key(m), m.Aggregate, w.Aggregate)
+		}
+	}
+}
+
+func TestShortLatencyBuckets(t *testing.T) {
+	for v := range shortLatency {
+		if got, want := int(shortLatency[v]), summary.Bucket(summary.LatencyBounds, float64(v)); got != want {
+			t.Fatalf("latency %d µs: bucket %d, want %d", v, got, want)
+		}
+	}
+}

@@ -19,10 +19,12 @@ import (
 // Decoding a batch is the hot path of ingest: a batch holds hundreds of
 // inference records, and proto.Unmarshal allocates five objects for each
 // (record, body, three strings). DecodeBatch reads the wire format
-// directly: an inference record costs no allocation when its model and
-// version repeat the previous record's (they nearly always do) and it did
-// not fail. Rare records (events, aggregates, samples) go through
-// proto.Unmarshal. FuzzDecodeBatch holds it to proto.Unmarshal's result.
+// directly, and reads inference records into compact rows
+// (store.InferenceRow: seq, time, latency and indexes of the batch's model
+// versions and error texts), so a batch of hundreds costs a few
+// allocations and the store folds the rows without a map lookup each. Rare
+// records (events, aggregates, samples) go through proto.Unmarshal into
+// full records. FuzzDecodeBatch holds it to proto.Unmarshal's result.
 
 // ErrMalformed is wrapped by every error about a batch that does not
 // decode.
@@ -30,66 +32,119 @@ var ErrMalformed = errors.New("malformed telemetry batch")
 
 // Decoded is a telemetry batch ready for the store.
 type Decoded struct {
-	Epoch   string
+	Epoch string
+	// Records are the records other than per-inference ones, which are in
+	// Inferences; or all of them, in batch order, when the batch's seqs do
+	// not ascend (an agent never sends such a batch).
 	Records []store.TelemetryRecord
+	// Inferences, Names and Errors are as in store.TelemetryBatch; the
+	// rows' seqs ascend, and interleave with those of Records.
+	Inferences []store.InferenceRow
+	Names      []store.ModelVersion
+	Errors     []string
+}
+
+// All returns every record of d as a full record, in seq order (batch
+// order, since d's seqs ascend when it has compact rows), for tests and
+// tools; the store takes d as it is.
+func (d Decoded) All(seen time.Time) []store.TelemetryRecord {
+	out := make([]store.TelemetryRecord, 0, len(d.Records)+len(d.Inferences))
+	i := 0
+	for _, r := range d.Inferences {
+		for ; i < len(d.Records) && d.Records[i].Seq < r.Seq; i++ {
+			out = append(out, d.Records[i])
+		}
+		n := d.Names[r.Name]
+		rec := store.TelemetryRecord{Seq: r.Seq, Kind: store.RecordInference, Model: n.Model, Version: n.Version, At: seen, LatencyUS: r.LatencyUS}
+		if r.AtMS > 0 {
+			rec.At = time.UnixMilli(r.AtMS)
+		}
+		if r.Error != 0 {
+			rec.Error = d.Errors[r.Error-1]
+		}
+		out = append(out, rec)
+	}
+	return append(out, d.Records[i:]...)
 }
 
 // DecodeBatch decodes a serialized TelemetryBatch of device id received
 // at seen. raw must be at most wire.MaxDecompressed bytes.
 func DecodeBatch(id string, seen time.Time, raw []byte) (Decoded, error) {
-	var d Decoded
 	if len(raw) > wire.MaxDecompressed {
-		return d, fmt.Errorf("%w: %d bytes (limit %d)", wire.ErrTooLarge, len(raw), wire.MaxDecompressed)
+		return Decoded{}, fmt.Errorf("%w: %d bytes (limit %d)", wire.ErrTooLarge, len(raw), wire.MaxDecompressed)
 	}
-	var in interner
+	d, ascending, err := decodeBatch(id, seen, raw, true)
+	if err == nil && !ascending {
+		// Compact rows only for ascending seqs, where the store can tell
+		// the batch's repeats apart cheaply and All restores the order.
+		d, _, err = decodeBatch(id, seen, raw, false)
+	}
+	return d, err
+}
+
+// decodeBatch decodes raw, per-inference records into compact rows when
+// compact is set, and says whether the records' seqs ascend strictly.
+func decodeBatch(id string, seen time.Time, raw []byte, compact bool) (d Decoded, ascending bool, err error) {
+	dec := decoder{id: id, seen: seen, d: &d, compact: compact, ascending: true}
 	// An inference record takes some 30 bytes; growing the slice by
 	// appending cost more than decoding.
-	d.Records = make([]store.TelemetryRecord, 0, len(raw)/28+1)
+	if compact {
+		d.Inferences = make([]store.InferenceRow, 0, len(raw)/28+1)
+	} else {
+		d.Records = make([]store.TelemetryRecord, 0, len(raw)/28+1)
+	}
 	for len(raw) > 0 {
-		num, typ, n := protowire.ConsumeTag(raw)
+		num, typ, n := consumeTag(raw)
 		if n < 0 {
-			return d, malformed(n)
+			return d, false, malformed(n)
 		}
 		raw = raw[n:]
 		switch {
 		case num == 1 && typ == protowire.BytesType:
-			v, n := protowire.ConsumeBytes(raw)
+			v, n := consumeBytes(raw)
 			if n < 0 {
-				return d, malformed(n)
+				return d, false, malformed(n)
 			}
 			d.Epoch, raw = string(v), raw[n:]
 		case num == 2 && typ == protowire.BytesType:
-			v, n := protowire.ConsumeBytes(raw)
+			v, n := consumeBytes(raw)
 			if n < 0 {
-				return d, malformed(n)
+				return d, false, malformed(n)
 			}
 			raw = raw[n:]
-			// Decoded in place: a record is some 200 bytes, and copying
-			// it out of each call cost as much as decoding it.
-			d.Records = append(d.Records, store.TelemetryRecord{})
-			if err := decodeRecord(id, seen, v, &in, &d.Records[len(d.Records)-1]); err != nil {
-				return d, err
+			if err := dec.record(v); err != nil {
+				return d, false, err
 			}
 		default:
 			n := protowire.ConsumeFieldValue(num, typ, raw)
 			if n < 0 {
-				return d, malformed(n)
+				return d, false, malformed(n)
 			}
 			raw = raw[n:]
 		}
 	}
-	return d, nil
+	return d, dec.ascending, nil
 }
 
 func malformed(n int) error {
 	return fmt.Errorf("%w: %v", ErrMalformed, protowire.ParseError(n))
 }
 
-// interner turns the model and version bytes of consecutive records into
-// the same strings without allocating again.
-type interner struct{ model, version string }
+// decoder is the state of one DecodeBatch.
+type decoder struct {
+	id        string
+	seen      time.Time
+	d         *Decoded
+	compact   bool
+	ascending bool
+	n         int // records so far
+	last      uint64
+	// interner turns the model and version bytes of consecutive records
+	// into the same strings without allocating again.
+	model, version string
+}
 
-func (in *interner) get(last *string, b []byte) string {
+func (dec *decoder) intern(last *string, b []byte) string {
 	if string(b) == *last { // compiled without an allocation
 		return *last
 	}
@@ -97,26 +152,27 @@ func (in *interner) get(last *string, b []byte) string {
 	return *last
 }
 
-func decodeRecord(id string, seen time.Time, raw []byte, in *interner, rec *store.TelemetryRecord) error {
-	rec.Kind, rec.At = store.RecordOther, seen
+// record decodes one serialized TelemetryRecord.
+func (dec *decoder) record(raw []byte) error {
 	whole := raw
+	var seq uint64
 	var body []byte
 	var bodyNum protowire.Number
 	for len(raw) > 0 {
-		num, typ, n := protowire.ConsumeTag(raw)
+		num, typ, n := consumeTag(raw)
 		if n < 0 {
 			return malformed(n)
 		}
 		raw = raw[n:]
 		switch {
 		case num == 1 && typ == protowire.VarintType:
-			v, n := protowire.ConsumeVarint(raw)
+			v, n := consumeVarint(raw)
 			if n < 0 {
 				return malformed(n)
 			}
-			rec.Seq, raw = v, raw[n:]
+			seq, raw = v, raw[n:]
 		case num >= 2 && num <= 5 && typ == protowire.BytesType:
-			v, n := protowire.ConsumeBytes(raw)
+			v, n := consumeBytes(raw)
 			if n < 0 {
 				return malformed(n)
 			}
@@ -124,7 +180,8 @@ func decodeRecord(id string, seen time.Time, raw []byte, in *interner, rec *stor
 			if bodyNum != 0 {
 				// A body set twice: proto.Unmarshal merges or replaces;
 				// let it, rather than copy its rules.
-				return slowRecord(id, seen, whole, rec)
+				bodyNum = -1
+				continue
 			}
 			body, bodyNum = v, num
 		default:
@@ -135,9 +192,32 @@ func decodeRecord(id string, seen time.Time, raw []byte, in *interner, rec *stor
 			raw = raw[n:]
 		}
 	}
+	if dec.n > 0 && seq <= dec.last {
+		dec.ascending = false
+	}
+	dec.n, dec.last = dec.n+1, seq
+	if bodyNum == 2 && dec.compact {
+		return dec.inference(seq, body)
+	}
+	dec.d.Records = append(dec.d.Records, store.TelemetryRecord{})
+	rec := &dec.d.Records[len(dec.d.Records)-1]
+	rec.Seq, rec.Kind, rec.At = seq, store.RecordOther, dec.seen
+	id, seen := dec.id, dec.seen
 	switch bodyNum {
+	case -1:
+		var r pb.TelemetryRecord
+		if err := proto.Unmarshal(whole, &r); err != nil {
+			return fmt.Errorf("%w: %v", ErrMalformed, err)
+		}
+		if inf := r.GetInference(); inf != nil && dec.compact {
+			// Merged bodies make an inference after all: a row.
+			dec.d.Records = dec.d.Records[:len(dec.d.Records)-1]
+			dec.row(r.GetSeq(), inf)
+			return nil
+		}
+		*rec = recordFrom(id, &r, seen)
 	case 2:
-		return decodeInference(rec, body, in)
+		return decodeInference(rec, body, dec)
 	case 3:
 		ev := new(pb.Event)
 		if err := proto.Unmarshal(body, ev); err != nil {
@@ -161,32 +241,110 @@ func decodeRecord(id string, seen time.Time, raw []byte, in *interner, rec *stor
 	return nil
 }
 
-func decodeInference(rec *store.TelemetryRecord, raw []byte, in *interner) error {
-	rec.Kind = store.RecordInference
+// inference reads an InferenceRecord into a compact row.
+func (dec *decoder) inference(seq uint64, raw []byte) error {
+	var model, version, errText []byte
 	var atMS int64
+	var latency uint32
 	for len(raw) > 0 {
-		num, typ, n := protowire.ConsumeTag(raw)
+		num, typ, n := consumeTag(raw)
 		if n < 0 {
 			return malformed(n)
 		}
 		raw = raw[n:]
 		switch {
 		case (num == 1 || num == 2 || num == 5) && typ == protowire.BytesType:
-			v, n := protowire.ConsumeBytes(raw)
+			v, n := consumeBytes(raw)
 			if n < 0 {
 				return malformed(n)
 			}
 			raw = raw[n:]
 			switch num {
 			case 1:
-				rec.Model = in.get(&in.model, v)
+				model = v
 			case 2:
-				rec.Version = in.get(&in.version, v)
+				version = v
+			case 5:
+				errText = v
+			}
+		case (num == 3 || num == 4) && typ == protowire.VarintType:
+			v, n := consumeVarint(raw)
+			if n < 0 {
+				return malformed(n)
+			}
+			raw = raw[n:]
+			if num == 3 {
+				atMS = int64(v)
+			} else {
+				latency = uint32(v)
+			}
+		default:
+			n := protowire.ConsumeFieldValue(num, typ, raw)
+			if n < 0 {
+				return malformed(n)
+			}
+			raw = raw[n:]
+		}
+	}
+	d := dec.d
+	row := store.InferenceRow{Seq: seq, AtMS: atMS, LatencyUS: latency}
+	// Consecutive records nearly always name the same model version and
+	// error text as the one before: compare with the last entry only.
+	// Repeated entries further back cost a little memory, not a wrong
+	// count (the store keys minutes by the names, not the indexes).
+	if k := len(d.Names); k == 0 || string(model) != d.Names[k-1].Model || string(version) != d.Names[k-1].Version {
+		d.Names = append(d.Names, store.ModelVersion{Model: string(model), Version: string(version)})
+	}
+	row.Name = uint32(len(d.Names) - 1)
+	if len(errText) > 0 {
+		if k := len(d.Errors); k == 0 || string(errText) != d.Errors[k-1] {
+			d.Errors = append(d.Errors, string(errText))
+		}
+		row.Error = uint32(len(d.Errors))
+	}
+	d.Inferences = append(d.Inferences, row)
+	return nil
+}
+
+// row appends an inference record read the slow way as a compact row.
+func (dec *decoder) row(seq uint64, inf *pb.InferenceRecord) {
+	d := dec.d
+	row := store.InferenceRow{Seq: seq, AtMS: inf.GetAtUnixMs(), LatencyUS: inf.GetLatencyUs()}
+	d.Names = append(d.Names, store.ModelVersion{Model: inf.GetModel(), Version: inf.GetVersion()})
+	row.Name = uint32(len(d.Names) - 1)
+	if e := inf.GetError(); e != "" {
+		d.Errors = append(d.Errors, e)
+		row.Error = uint32(len(d.Errors))
+	}
+	d.Inferences = append(d.Inferences, row)
+}
+
+func decodeInference(rec *store.TelemetryRecord, raw []byte, dec *decoder) error {
+	rec.Kind = store.RecordInference
+	var atMS int64
+	for len(raw) > 0 {
+		num, typ, n := consumeTag(raw)
+		if n < 0 {
+			return malformed(n)
+		}
+		raw = raw[n:]
+		switch {
+		case (num == 1 || num == 2 || num == 5) && typ == protowire.BytesType:
+			v, n := consumeBytes(raw)
+			if n < 0 {
+				return malformed(n)
+			}
+			raw = raw[n:]
+			switch num {
+			case 1:
+				rec.Model = dec.intern(&dec.model, v)
+			case 2:
+				rec.Version = dec.intern(&dec.version, v)
 			case 5:
 				rec.Error = string(v)
 			}
 		case (num == 3 || num == 4) && typ == protowire.VarintType:
-			v, n := protowire.ConsumeVarint(raw)
+			v, n := consumeVarint(raw)
 			if n < 0 {
 				return malformed(n)
 			}
@@ -217,9 +375,12 @@ var zstdDecoder = sync.OnceValues(func() (*zstd.Decoder, error) {
 		zstd.WithDecoderMaxWindow(256<<10))
 })
 
+// expanded holds buffers for decompressed batches.
+var expanded = sync.Pool{New: func() any { return new([]byte) }}
+
 // decompress expands Envelope.telemetry_zstd, refusing input over
 // wire.MaxPayload and output over wire.MaxDecompressed.
-func decompress(data []byte) ([]byte, error) {
+func decompress(data, dst []byte) ([]byte, error) {
 	if len(data) > wire.MaxPayload {
 		return nil, fmt.Errorf("compressed telemetry batch of %d bytes: %w (limit %d)", len(data), wire.ErrTooLarge, wire.MaxPayload)
 	}
@@ -227,7 +388,7 @@ func decompress(data []byte) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("zstd decoder: %w", err)
 	}
-	raw, err := dec.DecodeAll(data, nil)
+	raw, err := dec.DecodeAll(data, dst)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", wire.ErrBadCompressed, err)
 	}
@@ -237,11 +398,28 @@ func decompress(data []byte) ([]byte, error) {
 	return raw, nil
 }
 
-func slowRecord(id string, seen time.Time, raw []byte, rec *store.TelemetryRecord) error {
-	var r pb.TelemetryRecord
-	if err := proto.Unmarshal(raw, &r); err != nil {
-		return fmt.Errorf("%w: %v", ErrMalformed, err)
+// consumeTag, consumeVarint and consumeBytes are protowire's, with the
+// one-byte case (every tag, and nearly every value and length, of an
+// inference record) inline: a batch has some 2,500 of them.
+func consumeTag(b []byte) (protowire.Number, protowire.Type, int) {
+	if len(b) > 0 && b[0] < 0x80 && b[0]>>3 != 0 {
+		return protowire.Number(b[0] >> 3), protowire.Type(b[0] & 7), 1
 	}
-	*rec = recordFrom(id, &r, seen)
-	return nil
+	return protowire.ConsumeTag(b)
+}
+
+func consumeVarint(b []byte) (uint64, int) {
+	if len(b) > 0 && b[0] < 0x80 {
+		return uint64(b[0]), 1
+	}
+	return protowire.ConsumeVarint(b)
+}
+
+func consumeBytes(b []byte) ([]byte, int) {
+	if len(b) > 0 && b[0] < 0x80 {
+		if n := int(b[0]); n < len(b) {
+			return b[1 : 1+n], 1 + n
+		}
+	}
+	return protowire.ConsumeBytes(b)
 }

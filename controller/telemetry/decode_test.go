@@ -69,13 +69,31 @@ func TestDecodeBatch(t *testing.T) {
 	if got.Epoch != "epoch" {
 		t.Fatalf("epoch %q", got.Epoch)
 	}
-	sameRecords(t, got.Records, want.Records)
+	all := got.All(seen)
+	sameRecords(t, all, want.Records)
 	kinds := []string{store.RecordInference, store.RecordInference, store.RecordInference, store.RecordEvent, store.RecordAggregate, store.RecordSample, store.RecordOther}
 	for i, k := range kinds {
-		if got.Records[i].Kind != k {
-			t.Errorf("record %d is %q, want %q", i, got.Records[i].Kind, k)
+		if all[i].Kind != k {
+			t.Errorf("record %d is %q, want %q", i, all[i].Kind, k)
 		}
 	}
+	// Inference records are compact rows; the rest full records.
+	if len(got.Inferences) != 3 || len(got.Records) != 4 || len(got.Names) != 2 || len(got.Errors) != 1 {
+		t.Errorf("%d rows (names %v, errors %v) and %d records, want 3 (2 names, 1 error) and 4", len(got.Inferences), got.Names, got.Errors, len(got.Records))
+	}
+	// Seqs that do not ascend: full records only, in batch order.
+	b := seedBatch()
+	b.Records[0].Seq, b.Records[1].Seq = 2, 1
+	raw2, _ := proto.Marshal(b)
+	got2, err := DecodeBatch("d", seen, raw2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want2, _ := slowDecode("d", seen, raw2)
+	if len(got2.Inferences) != 0 {
+		t.Errorf("%d compact rows from a batch whose seqs do not ascend", len(got2.Inferences))
+	}
+	sameRecords(t, got2.All(seen), want2.Records)
 	if _, err := DecodeBatch("d", seen, raw[:len(raw)-3]); !errors.Is(err, ErrMalformed) {
 		t.Errorf("truncated batch: %v", err)
 	}
@@ -134,6 +152,6 @@ func FuzzDecodeBatch(f *testing.F) {
 		if got.Epoch != want.Epoch {
 			t.Fatalf("epoch %q, want %q", got.Epoch, want.Epoch)
 		}
-		sameRecords(t, got.Records, want.Records)
+		sameRecords(t, got.All(seen), want.Records)
 	})
 }

@@ -5,22 +5,36 @@
 // only after the commit does the controller publish a TelemetryAck naming
 // the stored sequence numbers, so the agent can delete them.
 //
-// Ingest is a group commit: the link's worker hands each batch over
-// (Submit) and goes on reading; one writer goroutine (Run) takes every
-// batch that has arrived, stores them all in one transaction (one disk
-// sync for all), and then publishes each batch's ack. Under load the
-// groups grow, so the cost of a commit is shared by more batches; idle, a
-// group is one batch and waits for nobody.
+// Ingest is a pipeline with a group commit. The link's worker hands each
+// message over (Handle) and goes on reading; decoders (Run, one per core)
+// decompress and decode batches in parallel, each device's batches always
+// on the same decoder, so they reach the writer in the order they came;
+// one writer goroutine (Run) takes every batch that has arrived, stores
+// them all in one transaction (one disk sync for all), and then publishes
+// one ack per device. Under load the groups grow, so the cost of a commit
+// is shared by more batches; idle, a group is one batch and waits for
+// nobody.
+//
+// Acks are delayed a little, as TCP delays its acks: an ack covering a
+// single batch waits for the next group commit when a later batch of the
+// same device is already queued, so one ack covers both. An ack costs a
+// broker round trip as dear as the batch's own (it is most of what ingest
+// adds to raw delivery, BENCHMARKS.md), and the delay is bounded by one
+// commit: the queued batch is in the next group.
 package telemetry
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
+	"runtime"
 	"slices"
+	"sync"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
@@ -61,6 +75,9 @@ type Options struct {
 	// MaxGroup caps the batches of one transaction (default 1024), so one
 	// commit never holds the write lock for long.
 	MaxGroup int
+	// Decoders is how many goroutines decode what Handle hands over
+	// (default GOMAXPROCS, at most 8).
+	Decoders int
 	// KeepRaw keeps compressed batches as they came (Envelope.
 	// telemetry_zstd, some 6 bytes a record), for the controller's raw
 	// retention. Plain batches are never kept whole: at some 40 bytes a
@@ -76,6 +93,12 @@ type Submission struct {
 	Seen    time.Time
 	Epoch   string
 	Records []store.TelemetryRecord
+	// Inferences, Names and Errors are the batch's per-inference records
+	// in compact form (store.TelemetryBatch.Inferences); Records has the
+	// others.
+	Inferences []store.InferenceRow
+	Names      []store.ModelVersion
+	Errors     []string
 	// Body is the batch as it came on the wire, kept as the raw records
 	// (see Options.KeepRaw); nil keeps none.
 	Body     []byte
@@ -87,12 +110,21 @@ type Submission struct {
 
 // Ingest stores telemetry batches and acks them.
 type Ingest struct {
-	opts  Options
-	queue chan Submission
+	opts   Options
+	queue  chan Submission
+	decode []chan handoff
+	seed   maphash.Seed
 
-	stored, duplicates, batches, groups, failed *metrics.Counter
-	refused                                     *metrics.CounterVec
-	commitLatency, ackLatency                   *metrics.Histogram
+	mu sync.Mutex
+	// queued counts each device's batches handed over (Handle, Submit)
+	// and not yet taken into a group.
+	queued map[string]int
+	// owed holds the acks delayed by the last commit.
+	owed map[stream]*owedAck
+
+	stored, duplicates, batches, groups, failed, acks, delayed *metrics.Counter
+	refused                                                    *metrics.CounterVec
+	commitLatency, ackLatency                                  *metrics.Histogram
 }
 
 // New returns an Ingest; Run must run for submissions to be stored.
@@ -112,10 +144,19 @@ func New(opts Options) *Ingest {
 	if opts.MaxGroup <= 0 {
 		opts.MaxGroup = 1024
 	}
+	if opts.Decoders <= 0 {
+		opts.Decoders = min(runtime.GOMAXPROCS(0), 8)
+	}
 	m := opts.Metrics
 	in := &Ingest{
 		opts:       opts,
 		queue:      make(chan Submission, opts.QueueSize),
+		decode:     make([]chan handoff, opts.Decoders),
+		seed:       maphash.MakeSeed(),
+		queued:     map[string]int{},
+		owed:       map[stream]*owedAck{},
+		acks:       m.Counter("edgefleet_controller_telemetry_acks_total", "Telemetry acks published (one per device and spool epoch per group commit, fewer with delayed acks)."),
+		delayed:    m.Counter("edgefleet_controller_telemetry_acks_delayed_total", "Telemetry acks held for one group commit because a later batch of the device was already queued."),
 		stored:     m.Counter("edgefleet_controller_telemetry_records_stored_total", "Telemetry records stored for the first time."),
 		duplicates: m.Counter("edgefleet_controller_telemetry_duplicates_total", "Telemetry records received again and ignored (already stored): dedupe hits."),
 		batches:    m.Counter("edgefleet_controller_telemetry_batches_total", "Telemetry batches stored and acked."),
@@ -127,7 +168,79 @@ func New(opts Options) *Ingest {
 		ackLatency:    m.Histogram("edgefleet_controller_telemetry_ack_seconds", "Time from receiving a telemetry batch to publishing its ack (queue wait and commit).", metrics.LatencyBuckets),
 	}
 	m.GaugeFunc("edgefleet_controller_telemetry_queue_depth", "Telemetry batches received and waiting for the store.", func() float64 { return float64(len(in.queue)) })
+	per := max(opts.QueueSize/opts.Decoders/4, 16)
+	for i := range in.decode {
+		in.decode[i] = make(chan handoff, per)
+	}
 	return in
+}
+
+// handoff is a telemetry message waiting for a decoder.
+type handoff struct {
+	m        link.Message
+	onEvents func(error)
+}
+
+// Handle hands a telemetry message over to be decoded (FromMessage) and
+// stored: the link's worker calls it and goes on reading, while a decoder
+// owned by Run does the work. It waits while that decoder's queue is
+// full, until ctx ends, which pushes back on the broker. A batch that does
+// not decode is refused there: logged with its device and not acked.
+// onEvents, when not nil, becomes the Done of a batch that carries events.
+func (in *Ingest) Handle(ctx context.Context, m link.Message, onEvents func(error)) error {
+	// One decoder per device keeps a device's batches in order.
+	ch := in.decode[maphash.String(in.seed, m.DeviceID)%uint64(len(in.decode))]
+	in.addQueued(m.DeviceID, 1)
+	select {
+	case ch <- handoff{m: m, onEvents: onEvents}:
+		return nil
+	case <-ctx.Done():
+		in.addQueued(m.DeviceID, -1)
+		in.releaseAcks(m.DeviceID)
+		return ctx.Err()
+	}
+}
+
+// decoder decodes handed-over messages and queues them for the writer.
+func (in *Ingest) decoder(ctx context.Context, ch <-chan handoff) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case h := <-ch:
+			sub, err := in.FromMessage(h.m)
+			if err == nil {
+				if h.onEvents != nil && sub.HasEvents() {
+					sub.Done = h.onEvents
+				}
+				err = in.submit(ctx, sub, false)
+			}
+			if err != nil {
+				in.addQueued(h.m.DeviceID, -1)
+				in.releaseAcks(h.m.DeviceID)
+				if ctx.Err() == nil {
+					in.opts.Logger.Error("telemetry batch refused", "device", h.m.DeviceID, "topic", h.m.Topic, "err", err)
+				}
+			}
+		}
+	}
+}
+
+// releaseAcks publishes the held acks of device id: the batch they waited
+// for will not be stored.
+func (in *Ingest) releaseAcks(id string) {
+	in.flushAcks(func(k stream, _ *owedAck) bool { return k.id != id })
+}
+
+// addQueued counts n more batches of device id queued.
+func (in *Ingest) addQueued(id string, n int) {
+	in.mu.Lock()
+	if v := in.queued[id] + n; v > 0 {
+		in.queued[id] = v
+	} else {
+		delete(in.queued, id)
+	}
+	in.mu.Unlock()
 }
 
 // FromMessage turns a telemetry message into a Submission: the batch,
@@ -140,11 +253,16 @@ func (in *Ingest) FromMessage(m link.Message) (Submission, error) {
 	switch {
 	case m.Envelope.GetTelemetryZstd() != nil:
 		z := m.Envelope.GetTelemetryZstd()
+		// The expanded batch is only read by DecodeBatch, which copies
+		// what it keeps: its buffer is reused.
+		buf := expanded.Get().(*[]byte)
+		defer expanded.Put(buf)
 		var err error
-		if raw, err = decompress(z); err != nil {
+		if raw, err = decompress(z, (*buf)[:0]); err != nil {
 			in.refused.With("zstd").Inc()
 			return sub, fmt.Errorf("telemetry of %s: %w", m.DeviceID, err)
 		}
+		*buf = raw
 		sub.Body, sub.Encoding = z, store.BodyZstd
 	case raw == nil && m.Envelope.GetTelemetry() != nil:
 		// The link decoded it already (no LazyTelemetry): take its bytes
@@ -165,6 +283,7 @@ func (in *Ingest) FromMessage(m link.Message) (Submission, error) {
 		return sub, fmt.Errorf("telemetry of %s: %w", m.DeviceID, err)
 	}
 	sub.Epoch, sub.Records = d.Epoch, d.Records
+	sub.Inferences, sub.Names, sub.Errors = d.Inferences, d.Names, d.Errors
 	if !in.opts.KeepRaw {
 		sub.Body, sub.Encoding = nil, store.BodyNone
 	}
@@ -203,6 +322,12 @@ func envelopeField(msg []byte, num protowire.Number) []byte {
 // until ctx ends. A batch refused here (an oversized epoch, a malformed
 // aggregate) is not acked; its error names what to fix.
 func (in *Ingest) Submit(ctx context.Context, s Submission) error {
+	return in.submit(ctx, s, true)
+}
+
+// submit is Submit; count says s is not counted in queued yet (Handle
+// counted it).
+func (in *Ingest) submit(ctx context.Context, s Submission, count bool) error {
 	if len(s.Epoch) > MaxSpoolEpoch {
 		in.refused.With("epoch").Inc()
 		return fmt.Errorf("telemetry of %s: spool epoch is %d bytes; the limit is %d", s.DeviceID, len(s.Epoch), MaxSpoolEpoch)
@@ -218,10 +343,17 @@ func (in *Ingest) Submit(ctx context.Context, s Submission) error {
 			}
 		}
 	}
+	if count {
+		in.addQueued(s.DeviceID, 1)
+	}
 	select {
 	case in.queue <- s:
 		return nil
 	case <-ctx.Done():
+		if count {
+			in.addQueued(s.DeviceID, -1)
+			in.releaseAcks(s.DeviceID)
+		}
 		return ctx.Err()
 	}
 }
@@ -246,16 +378,34 @@ func (in *Ingest) Batch(ctx context.Context, id string, seen time.Time, b *pb.Te
 	}
 }
 
-// Run is the writer: it stores what Submit queued, a group per
-// transaction, until ctx ends. Batches still queued then are dropped
-// unacked; their agents send them again.
+// Run runs the decoders and the writer, which stores what was queued, a
+// group per transaction, until ctx ends. Batches still queued then are
+// dropped unacked; their agents send them again.
 func (in *Ingest) Run(ctx context.Context) error {
+	var g errgroup.Group
+	for _, ch := range in.decode {
+		g.Go(func() error {
+			in.decoder(ctx, ch)
+			return nil
+		})
+	}
+	g.Go(func() error {
+		in.write(ctx)
+		return nil
+	})
+	return g.Wait()
+}
+
+// write is the writer.
+func (in *Ingest) write(ctx context.Context) {
+	// Acks still held are due: their batches are stored.
+	defer in.flushAcks(nil)
 	group := make([]Submission, 0, in.opts.MaxGroup)
 	for {
 		group = group[:0]
 		select {
 		case <-ctx.Done():
-			return nil
+			return
 		case s := <-in.queue:
 			group = append(group, s)
 		}
@@ -268,6 +418,15 @@ func (in *Ingest) Run(ctx context.Context) error {
 				break fill
 			}
 		}
+		in.mu.Lock()
+		for _, s := range group {
+			if v := in.queued[s.DeviceID] - 1; v > 0 {
+				in.queued[s.DeviceID] = v
+			} else {
+				delete(in.queued, s.DeviceID)
+			}
+		}
+		in.mu.Unlock()
 		in.commit(ctx, group)
 	}
 }
@@ -275,7 +434,8 @@ func (in *Ingest) Run(ctx context.Context) error {
 func (in *Ingest) commit(ctx context.Context, group []Submission) {
 	batches := make([]store.TelemetryBatch, len(group))
 	for i, s := range group {
-		batches[i] = store.TelemetryBatch{DeviceID: s.DeviceID, Epoch: s.Epoch, Seen: s.Seen, Records: s.Records, Body: s.Body, Encoding: s.Encoding}
+		batches[i] = store.TelemetryBatch{DeviceID: s.DeviceID, Epoch: s.Epoch, Seen: s.Seen, Records: s.Records, Body: s.Body, Encoding: s.Encoding,
+			Inferences: s.Inferences, Names: s.Names, Errors: s.Errors}
 	}
 	start := time.Now()
 	results, err := in.opts.Store.StoreTelemetryBatches(ctx, batches)
@@ -292,39 +452,86 @@ func (in *Ingest) commit(ctx context.Context, group []Submission) {
 				s.Done(fmt.Errorf("telemetry of %s: %w", s.DeviceID, err))
 			}
 		}
+		// Acks held by the last commit are due all the same.
+		in.flushAcks(nil)
 		return
 	}
 	// One ack per device and spool epoch of the group: under load an
 	// agent's whole window lands in one group, and one ack naming all of
 	// it retires every batch it covers (the agent matches acks to batches
 	// by seq, not one to one).
-	type stream struct{ id, epoch string }
-	acks := map[stream][]uint64{}
-	var order []stream
+	in.mu.Lock()
 	for i, s := range group {
 		res := results[i]
 		in.stored.Add(uint64(res.Inserted))
 		in.duplicates.Add(uint64(res.Duplicates))
 		in.batches.Inc()
 		k := stream{s.DeviceID, s.Epoch}
-		if _, ok := acks[k]; !ok {
-			order = append(order, k)
-			acks[k] = []uint64{}
+		o := in.owed[k]
+		if o == nil {
+			o = &owedAck{}
+			in.owed[k] = o
 		}
+		o.batches++
+		o.grouped = true
 		for _, r := range s.Records {
-			acks[k] = append(acks[k], r.Seq)
+			o.seqs = append(o.seqs, r.Seq)
+		}
+		for _, r := range s.Inferences {
+			o.seqs = append(o.seqs, r.Seq)
 		}
 	}
-	now := in.opts.Now()
-	for _, k := range order {
-		if err := in.ack(k.id, k.epoch, acks[k], now); err != nil {
-			in.opts.Logger.Error("telemetry ack", "device", k.id, "err", err)
+	in.mu.Unlock()
+	in.flushAcks(func(k stream, o *owedAck) bool {
+		// Held once at most: a single batch's ack, while a later batch of
+		// the device is queued (so in the next group).
+		if o.grouped && o.batches == 1 && in.queued[k.id] > 0 {
+			o.grouped = false
+			in.delayed.Inc()
+			return true
 		}
-	}
+		return false
+	})
 	for _, s := range group {
 		in.ackLatency.Observe(time.Since(s.Seen).Seconds())
 		if s.Done != nil {
 			s.Done(nil)
+		}
+	}
+}
+
+// stream is one device's spool epoch: what an ack is addressed to.
+type stream struct{ id, epoch string }
+
+// owedAck is an ack not yet published: the stored seqs of a stream.
+type owedAck struct {
+	seqs    []uint64
+	batches int
+	// grouped is set when the last commit stored a batch of the stream.
+	grouped bool
+}
+
+// flushAcks publishes the owed acks, except those hold (under in.mu)
+// says to keep for the next commit; a nil hold publishes all.
+func (in *Ingest) flushAcks(hold func(stream, *owedAck) bool) {
+	type due struct {
+		k    stream
+		seqs []uint64
+	}
+	var out []due
+	in.mu.Lock()
+	for k, o := range in.owed {
+		if hold != nil && hold(k, o) {
+			continue
+		}
+		out = append(out, due{k, o.seqs})
+		delete(in.owed, k)
+	}
+	in.mu.Unlock()
+	now := in.opts.Now()
+	for _, d := range out {
+		if err := in.ack(d.k.id, d.k.epoch, d.seqs, now); err != nil {
+			in.opts.Logger.Error("telemetry ack", "device", d.k.id, "err", err)
 		}
 	}
 }
@@ -339,6 +546,7 @@ func (in *Ingest) ack(id, epoch string, seqs []uint64, now time.Time) error {
 		return fmt.Errorf("seal ack: %w", err)
 	}
 	log := in.opts.Logger
+	in.acks.Inc()
 	in.opts.Publisher.PublishAsync(wire.Topic(id, wire.KindAck), payload, false, func(err error) {
 		if err != nil && !errors.Is(err, context.Canceled) {
 			// The records are stored; the agent resends them, they are

@@ -115,6 +115,9 @@ func runDevice(ctx context.Context, e *exec, args []string) error {
 			if s.LastError != "" {
 				fmt.Fprintf(tw, "\tlast error: %s\n", s.LastError)
 			}
+			if sh := s.Shadow; sh != nil {
+				fmt.Fprintf(tw, "\t%s\n", shadowLine(sh, now))
+			}
 		}
 		if d.Desired != nil {
 			for _, s := range d.Desired.Slots {
@@ -138,4 +141,16 @@ func runDevice(ctx context.Context, e *exec, args []string) error {
 			}
 		}
 	})
+}
+
+// shadowLine says how a slot's shadow candidate compares with its active
+// version, in one line of `fleet device`.
+func shadowLine(sh *client.Shadow, now time.Time) string {
+	agreement := "-"
+	if sh.Agreement != nil {
+		agreement = fmt.Sprintf("%.2f%%", *sh.Agreement*100)
+	}
+	return fmt.Sprintf("shadow %s since %s: %d compared, %d agreed (%s), %d errors, score diff max %.4g mean %.4g, p99 %.2fms vs active %.2fms",
+		sh.Candidate, ago(sh.Since, now), sh.Compared, sh.Agreed, agreement, sh.Errors, sh.MaxScoreDiff, sh.MeanScoreDiff,
+		float64(sh.CandidateP99Us)/1000, float64(sh.ActiveP99Us)/1000)
 }

@@ -36,6 +36,7 @@ func runSim(ctx context.Context, e *exec, args []string) error {
 		logLevel   = fs.String("log-level", "info", "the simulator's log level: debug, info, warn, error")
 		agentLevel = fs.String("agent-log-level", "off", "the simulated agents' log level: off, debug, info, warn, error (they are many)")
 		memProfile = fs.String("memprofile", "", "write a heap profile of the simulator to `FILE` at every report (--every), for go tool pprof")
+		cpuProfile = fs.String("cpuprofile", "", "write a CPU profile of the simulator to `FILE` from start to stop, for go tool pprof")
 		releaseKs  stringList
 		directorKs stringList
 	)
@@ -101,6 +102,14 @@ func runSim(ctx context.Context, e *exec, args []string) error {
 			o.Logger.Warn("the controller does not answer (yet); the devices will download bundles from it", "controller", g.controller, "err", err)
 		}
 		cancel()
+	}
+
+	if *cpuProfile != "" {
+		stop, err := startCPUProfile(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer stop()
 	}
 
 	if *runFor > 0 {
@@ -209,6 +218,23 @@ func writeHeapProfile(path string) error {
 		return fmt.Errorf("--memprofile %s: %w", path, err)
 	}
 	return nil
+}
+
+// startCPUProfile profiles the process's CPU into path until the
+// returned function is called.
+func startCPUProfile(path string) (stop func(), err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, fmt.Errorf("--cpuprofile: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("--cpuprofile %s: %w", path, err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}, nil
 }
 
 // simStatsTable writes one line of the fleet's counters, in fixed-width

@@ -50,6 +50,25 @@ type Slot struct {
 	ActiveSince *time.Time `json:"activeSince"`
 	Pending     *ModelRef  `json:"pending"`
 	LastError   string     `json:"lastError"`
+	// Shadow is the slot's shadow comparison under way or last finished
+	// (nil: none).
+	Shadow *Shadow `json:"shadow,omitempty"`
+}
+
+// Shadow is how a candidate run in shadow compared with the active
+// version on the device.
+type Shadow struct {
+	Candidate *ModelRef `json:"candidate"`
+	Compared  uint64    `json:"compared"`
+	Agreed    uint64    `json:"agreed"`
+	Errors    uint64    `json:"errors"`
+	// Agreement is Agreed / Compared; nil before the first comparison.
+	Agreement      *float64   `json:"agreement"`
+	MaxScoreDiff   float64    `json:"maxScoreDiff"`
+	MeanScoreDiff  float64    `json:"meanScoreDiff"`
+	CandidateP99Us uint32     `json:"candidateP99Us"`
+	ActiveP99Us    uint32     `json:"activeP99Us"`
+	Since          *time.Time `json:"since"`
 }
 
 // ModelRef names a model version.

@@ -46,9 +46,12 @@ type Agent struct {
 	cur     atomic.Pointer[agent.Agent]
 	cancel  atomic.Pointer[context.CancelFunc]
 
-	mu     sync.Mutex
-	conns  map[*conn]bool // open broker connections: true once CONNACKed
-	models []*agentModel  // what the agent has loaded, oldest first
+	mu    sync.Mutex
+	conns map[*conn]bool // open broker connections: true once CONNACKed
+	// sessions counts the true ones of conns, for Connected without the
+	// lock (Stats asks every device five times a second).
+	sessions atomic.Int32
+	models   []*agentModel // what the agent has loaded, oldest first
 	// stateID is the packet id of the last state PUBLISH on the current
 	// connection; its PUBACK means the broker has the device's state.
 	stateID   uint16
@@ -60,6 +63,45 @@ type Agent struct {
 	// inflight counts QoS 1 publishes on the current connection that the
 	// broker has not acknowledged yet.
 	inflight atomic.Int64
+
+	// running caches what runs in the device's slots for Stats (see
+	// running()); runningStale says it must be read again.
+	running      atomic.Pointer[runningSnap]
+	runningStale atomic.Bool
+}
+
+// runningSnap is what ran in a device's slots ("name@version" per active
+// slot) when it was read.
+type runningSnap struct {
+	at     time.Time
+	active []string
+}
+
+// runningMaxAge is how old Stats lets a device's cached slots get when
+// nothing said they changed: a safety net, since every change the agent
+// makes while connected is reported in a state message (which marks the
+// cache stale), and one while disconnected is reported on reconnecting.
+const runningMaxAge = 5 * time.Second
+
+// runningNow returns the active "name@version" of each slot, from the
+// cache unless the device sent a state report or (re)started since it
+// was filled, or it is older than runningMaxAge. Reading every device's
+// slots from the agent (a protobuf message per slot, under the agent's
+// locks) five times a second was a sixth of the simulator's CPU in a
+// 10,000-device rollout.
+func (a *Agent) runningNow(now time.Time) []string {
+	if snap := a.running.Load(); snap != nil && !a.runningStale.Load() && now.Sub(snap.at) < runningMaxAge {
+		return snap.active
+	}
+	a.runningStale.Store(false) // before reading: a change from now on marks it again
+	snap := &runningSnap{at: now}
+	for _, sl := range a.Slots() {
+		if m := sl.GetActive(); m != nil {
+			snap.active = append(snap.active, m.GetName()+"@"+m.GetVersion())
+		}
+	}
+	a.running.Store(snap)
+	return snap.active
 }
 
 // Failing reports whether the device was chosen to fail its model.
@@ -76,16 +118,7 @@ func (a *Agent) Powered() bool { return a.power.Load() }
 func (a *Agent) Joined() bool { return a.joined.Load() }
 
 // Connected reports whether the device has a broker session now.
-func (a *Agent) Connected() bool {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	for _, acked := range a.conns {
-		if acked {
-			return true
-		}
-	}
-	return false
-}
+func (a *Agent) Connected() bool { return a.sessions.Load() > 0 }
 
 // SetOnline gives the device its network back, or takes it away (which
 // cuts its broker connection at once). A device coming back online
@@ -227,8 +260,10 @@ func (a *Agent) supervise(ctx context.Context, dir string) {
 			cancel()
 		}
 		a.cur.Store(ag)
+		a.runningStale.Store(true)
 		err = ag.Run(actx)
 		a.cur.Store(nil)
+		a.runningStale.Store(true)
 		a.cancel.Store(nil)
 		cancel()
 		if err != nil && ctx.Err() == nil {
@@ -269,6 +304,9 @@ func (a *Agent) dialBroker(ctx context.Context, _, addr string) (net.Conn, error
 // forget drops a closed connection.
 func (a *Agent) forget(c *conn) {
 	a.mu.Lock()
+	if a.conns[c] {
+		a.sessions.Add(-1)
+	}
 	delete(a.conns, c)
 	if a.stateConn == c {
 		a.stateConn = nil
@@ -304,7 +342,13 @@ func (a *Agent) sent(c *conn, typ, flags byte, body []byte) {
 		a.inflight.Add(1)
 	}
 	topic, id, ok := publishInfo(flags, body)
-	if ok && isKind(topic, "state") && !a.joined.Load() {
+	if !ok || !isKind(topic, "state") {
+		return
+	}
+	// The agent reports its state when its slots changed: what Stats
+	// cached is out of date.
+	a.runningStale.Store(true)
+	if !a.joined.Load() {
 		a.mu.Lock()
 		a.stateID, a.stateConn = id, c
 		a.mu.Unlock()
@@ -318,8 +362,9 @@ func (a *Agent) received(c *conn, typ, flags byte, body []byte) {
 		// Byte 1 of CONNACK is the return code; 0 is accepted.
 		if len(body) >= 2 && body[1] == 0 {
 			a.mu.Lock()
-			if _, open := a.conns[c]; open {
+			if acked, open := a.conns[c]; open && !acked {
 				a.conns[c] = true
+				a.sessions.Add(1)
 			}
 			a.mu.Unlock()
 		}

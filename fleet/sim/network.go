@@ -87,7 +87,10 @@ type tracker interface {
 type conn struct {
 	net.Conn
 	in, out framer
-	sh      *shaper // nil: not shaped
+	// wmu orders writes: paho writes from its keepalive goroutine and its
+	// outgoing one, and the out framer must see the bytes as they go.
+	wmu sync.Mutex
+	sh  *shaper // nil: not shaped
 	// onClose, if set, is called once when the connection closes.
 	onClose   func(*conn)
 	closeOnce sync.Once
@@ -120,6 +123,8 @@ func (c *conn) Read(p []byte) (int, error) {
 }
 
 func (c *conn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
 	// Seen before it is written: the broker's answer may be read before
 	// Write returns, and must find its request already counted.
 	c.out.feed(p)

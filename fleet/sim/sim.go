@@ -465,11 +465,10 @@ func (s *Sim) Stats() Stats {
 		InferenceErrors: s.stats.errors.Load(),
 	}
 	st.Running = map[string]int{}
+	now := time.Now()
 	for _, a := range s.agents {
-		for _, sl := range a.Slots() {
-			if m := sl.GetActive(); m != nil {
-				st.Running[m.GetName()+"@"+m.GetVersion()]++
-			}
+		for _, m := range a.runningNow(now) {
+			st.Running[m]++
 		}
 		for _, c := range []struct {
 			n  *int

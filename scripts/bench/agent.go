@@ -16,6 +16,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/edgefleet/edgefleet/agent"
 	"github.com/edgefleet/edgefleet/fleet/client"
 	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/scripts/internal/proc"
@@ -35,7 +36,10 @@ type agentResult struct {
 type idleModel struct {
 	Model      string // what was loaded, for the table
 	ModuleSize int
-	RSS        []int64
+	// Flags are the agent flags of these runs beyond the scenario's own
+	// (none: the agent's defaults), for the table.
+	Flags []string `json:",omitempty"`
+	RSS   []int64
 	// Anon and File split RSS, per run: anonymous memory (the Go heap and
 	// stacks, wazero's compiled code, SQLite's cache) and file-backed
 	// pages (the agent binary's code and data as far as it was touched).
@@ -87,36 +91,56 @@ func (e *env) benchAgent(ctx context.Context) (*agentResult, error) {
 		if err := c.pushModels(ctx, data); err != nil {
 			return nil, err
 		}
-		im := idleModel{Model: fmt.Sprintf("%s %s", b.Manifest.Name, b.Manifest.Version), ModuleSize: len(b.Module)}
-		for run := range e.cfg.runs {
-			rss, err := e.idleAgent(ctx, c, b, run)
-			if err != nil {
-				return nil, err
-			}
-			im.RSS = append(im.RSS, rss.rss)
-			im.Anon = append(im.Anon, rss.anon)
-			im.File = append(im.File, rss.file)
-			e.log.Info("idle agent", "model", im.Model, "run", run+1, "rss_mib", fmt.Sprintf("%.1f", mib(rss.rss)),
-				"anon_mib", fmt.Sprintf("%.1f", mib(rss.anon)), "file_mib", fmt.Sprintf("%.1f", mib(rss.file)))
+		variants := [][]string{nil}
+		if len(res.Idle) == 0 {
+			// The compiled model also without the idle trim, to show what
+			// it gives back (agent/internal/memtrim).
+			variants = append(variants, []string{"--trim-after", "0"})
 		}
-		res.Idle = append(res.Idle, im)
+		for _, flags := range variants {
+			im := idleModel{Model: fmt.Sprintf("%s %s", b.Manifest.Name, b.Manifest.Version), ModuleSize: len(b.Module), Flags: flags}
+			for run := range e.cfg.runs {
+				rss, err := e.idleAgent(ctx, c, b, run, flags)
+				if err != nil {
+					return nil, err
+				}
+				im.RSS = append(im.RSS, rss.rss)
+				im.Anon = append(im.Anon, rss.anon)
+				im.File = append(im.File, rss.file)
+				e.log.Info("idle agent", "model", im.Model, "flags", strings.Join(flags, " "), "run", run+1, "rss_mib", fmt.Sprintf("%.1f", mib(rss.rss)),
+					"anon_mib", fmt.Sprintf("%.1f", mib(rss.anon)), "file_mib", fmt.Sprintf("%.1f", mib(rss.file)))
+			}
+			res.Idle = append(res.Idle, im)
+		}
 	}
 	return res, nil
 }
 
-// idleAgent starts a fresh fleet-agent, has the controller assign it b,
-// sends it a few inferences, lets it idle, and reads its resident memory.
-func (e *env) idleAgent(ctx context.Context, c *ctl, b *bundle.Bundle, run int) (m residentMemory, err error) {
+// setting says, for the table, how the agent of these runs was set.
+func (im idleModel) setting() string {
+	if len(im.Flags) > 0 {
+		return "`" + strings.Join(im.Flags, " ") + "`"
+	}
+	return fmt.Sprintf("agent defaults: its idle trim gives memory back %s after the last inference", agent.DefaultTrimAfter)
+}
+
+// idleAgent starts a fresh fleet-agent (with flags added to the
+// scenario's), has the controller assign it b, sends it a few inferences,
+// lets it idle, and reads its resident memory.
+func (e *env) idleAgent(ctx context.Context, c *ctl, b *bundle.Bundle, run int, flags []string) (m residentMemory, err error) {
 	dir := e.dir("agent")
 	listen, err := freeAddr()
 	if err != nil {
 		return m, err
 	}
 	id := fmt.Sprintf("bench-idle-%s-%d", b.Manifest.Name, run)
-	p, err := proc.StartTied(id, filepath.Join(dir, "agent.log"), filepath.Join(e.bin, "fleet-agent"),
-		"--id", id, "--data", filepath.Join(dir, "data"), "--listen", listen, "--broker", c.broker,
-		"--controller", c.api, "--label", "bench="+id, "--log-level", "warn",
-		"--release-key", e.releaseKey, "--director-key", c.directorKey())
+	if len(flags) > 0 {
+		id = fmt.Sprintf("bench-idle-%s-v-%d", b.Manifest.Name, run)
+	}
+	args := append([]string{"--id", id, "--data", filepath.Join(dir, "data"), "--listen", listen, "--broker", c.broker,
+		"--controller", c.api, "--label", "bench=" + id, "--log-level", "warn",
+		"--release-key", e.releaseKey, "--director-key", c.directorKey()}, flags...)
+	p, err := proc.StartTied(id, filepath.Join(dir, "agent.log"), filepath.Join(e.bin, "fleet-agent"), args...)
 	if err != nil {
 		return m, err
 	}

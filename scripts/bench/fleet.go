@@ -3,26 +3,37 @@ package main
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"time"
 )
 
-// devicesPerSim is how many simulated devices one `fleet sim` process
-// runs, and so how many join at once (see joinFleet). It also keeps each
-// process well under its limit on open files (20,000 on the machine these
-// benchmarks were written on, and only root raises a hard limit): each
-// device holds its broker connection, and while a wave downloads, an HTTP
-// connection and a file too.
-const devicesPerSim = 2000
+// defaultSimDevices is how many simulated devices one `fleet sim` process
+// runs by default (-sim-devices), and so how many join at once (see
+// joinFleet). Fewer, larger processes cost less CPU when idle: a joined,
+// idle fleet of 10,000 took 8.3 s of CPU a 30 s in five processes of
+// 2,000, 6.2 s in two of 5,000 and 5.0 s in one (load average 11 to 17).
+// But on two cores shared with other work, a larger process runs longer
+// queues of goroutines on its two threads: in a 10,000-device rollout at
+// load average 25 to 35, two processes of 5,000 had 663 devices drop
+// their broker connection (a ping or write past its timeout) and 943
+// downloads cut (the controller closes a connection whose request has
+// not come in 10 s), against 93 and 5 with five processes of 2,000. Each
+// device also holds its broker connection, and while a wave downloads an
+// HTTP connection and a file, against a limit on open files of 20,000 on
+// the machine these benchmarks were written on.
+const defaultSimDevices = 2000
 
 // simFleet is the simulated fleet of a benchmark: one or more `fleet sim`
 // processes, read as one.
 type simFleet struct {
 	procs []*simProc
+	// cpuProfiles are the processes' --cpuprofile files, when profiled.
+	cpuProfiles []string
 }
 
 // joinFleet starts n simulated devices against c in processes of at most
-// devicesPerSim, one process after the other: each starts its devices at
+// -sim-devices, one process after the other: each starts its devices at
 // the -join-rate, and the next starts once the controller lists every
 // device of this one online. The pacing is needed: a device says hello,
 // reports its state and its presence as it connects, and the controller
@@ -33,8 +44,8 @@ type simFleet struct {
 // until they reconnect. Each process has its own id prefix, seed and
 // chunk label, so the bench can ask the controller about its devices.
 // The fleet is returned also on error, to be stopped.
-func (e *env) joinFleet(ctx context.Context, c *ctl, n int) (*simFleet, error) {
-	k := (n + devicesPerSim - 1) / devicesPerSim
+func (e *env) joinFleet(ctx context.Context, c *ctl, n int, profiled bool) (*simFleet, error) {
+	k := (n + e.cfg.simDevices - 1) / e.cfg.simDevices
 	f := &simFleet{}
 	for i := range k {
 		size := n / k
@@ -42,8 +53,14 @@ func (e *env) joinFleet(ctx context.Context, c *ctl, n int) (*simFleet, error) {
 			size++
 		}
 		chunk := fmt.Sprintf("c%02d", i+1)
-		p, err := e.startSim(ctx, c, size, "--prefix", "sim"+chunk+"-", "--seed", fmt.Sprint(i+1),
-			"--start-rate", fmt.Sprint(e.cfg.joinRate), "--labels", "fleet=bench;chunk="+chunk+";"+simLabels)
+		args := []string{"--prefix", "sim" + chunk + "-", "--seed", fmt.Sprint(i + 1),
+			"--start-rate", fmt.Sprint(e.cfg.joinRate), "--labels", "fleet=bench;chunk=" + chunk + ";" + simLabels}
+		if profiled {
+			prof := filepath.Join(e.dir("simprofile"), "cpu.prof")
+			f.cpuProfiles = append(f.cpuProfiles, prof)
+			args = append(args, "--cpuprofile", prof)
+		}
+		p, err := e.startSim(ctx, c, size, args...)
 		if err != nil {
 			return f, err
 		}
@@ -113,6 +130,16 @@ func (f *simFleet) wait(ctx context.Context, timeout time.Duration, what string,
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// cpu is the processes' CPU time (user+system), added up.
+func (f *simFleet) cpu() time.Duration {
+	var total time.Duration
+	for _, p := range f.procs {
+		t, _ := cpuTime(p.pid())
+		total += t
+	}
+	return total
 }
 
 // memory is the processes' resident memory, added up.

@@ -19,6 +19,7 @@
 // where the time and memory go.
 //
 //	go run ./scripts/bench [-out BENCHMARKS.md] [-runs 3] [-devices 10000] [-only agent,ingest,rollout,go] [-assign]
+//	go run ./scripts/bench -only rollout -profile-only -profile-broker mosquitto -runs 1   # where a rollout's time goes
 //
 // The section it writes is delimited by markers; the rest of BENCHMARKS.md
 // is left as it is.
@@ -53,17 +54,23 @@ type config struct {
 	runs     int
 	devices  int
 	joinRate int
-	fallback int
-	only     map[string]bool
-	goPkgs   string
-	goCount  int
+	// simDevices is how many devices one `fleet sim` process runs.
+	simDevices int
+	fallback   int
+	only       map[string]bool
+	goPkgs     string
+	goCount    int
 	// goBenchtime is go test's -benchtime for the Go benchmarks.
 	goBenchtime string
 	mosquitto   string
 	brokers     []string
 	keep        bool
 	profile     bool
-	assign      bool
+	// profileBroker is the broker of the profiled rollout session;
+	// profileOnly skips the measured sessions and runs just that one.
+	profileBroker string
+	profileOnly   bool
+	assign        bool
 	// resultsFile keeps the measurements between runs (-results).
 	resultsFile string
 	// rolloutTimeout bounds each rollout of the rollout benchmark.
@@ -81,7 +88,8 @@ func doMain(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&c.out, "out", "BENCHMARKS.md", "file to write the tables into (its bench section is replaced, the rest kept)")
 	fs.IntVar(&c.runs, "runs", 3, "runs of each end-to-end benchmark (for the rollout: upgrade rollouts of one joined fleet); the tables show medians")
 	fs.IntVar(&c.devices, "devices", 10_000, "simulated devices in the rollout benchmark")
-	fs.IntVar(&c.joinRate, "join-rate", 500, "simulated devices that connect per second while the fleet joins (in steps of 2,000; see joinFleet)")
+	fs.IntVar(&c.joinRate, "join-rate", 500, "simulated devices that connect per second while the fleet joins (one -sim-devices process after the other; see joinFleet)")
+	fs.IntVar(&c.simDevices, "sim-devices", defaultSimDevices, "simulated devices per `fleet sim` process")
 	fs.IntVar(&c.fallback, "fallback-devices", 2000, "when no rollout run with -devices finishes, run it with this many devices too, to have figures (0: do not)")
 	only := fs.String("only", strings.Join(parts, ","), "benchmarks to run: "+strings.Join(parts, ","))
 	fs.StringVar(&c.goPkgs, "go-packages", "./...", "packages whose Go benchmarks run")
@@ -91,6 +99,8 @@ func doMain(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&c.mosquitto, "mosquitto", "", "mosquitto binary (default: found in PATH or /usr/sbin; without it the Mosquitto runs are skipped and the report says so)")
 	fs.BoolVar(&c.keep, "keep", false, "keep the working directory (logs, profiles) instead of removing it")
 	fs.BoolVar(&c.profile, "profile", false, "also profile the controller when every target is met")
+	fs.StringVar(&c.profileBroker, "profile-broker", "embedded", "broker of the profiled rollout session: embedded or mosquitto")
+	fs.BoolVar(&c.profileOnly, "profile-only", false, "rollout: skip the measured sessions, run only the profiled one (-profile-broker, -runs upgrade rollouts); for finding where the time goes, not for the tables")
 	fs.DurationVar(&c.rolloutTimeout, "rollout-timeout", 3*time.Minute, "how long one rollout may take before the session stops and reports how far it got")
 	fs.StringVar(&c.resultsFile, "results", filepath.Join(os.TempDir(), "edgefleet-bench-results.json"),
 		"JSON `file` of the measurements: read first, so that the parts this run skips (-only) keep their last figures (with their dates) in the report, and written at the end; \"\" for neither")
@@ -127,8 +137,12 @@ func doMain(args []string, stdout, stderr io.Writer) int {
 			return 2
 		}
 	}
-	if c.runs < 1 || c.devices < 1 || c.goCount < 1 || c.joinRate < 1 {
-		fmt.Fprintln(stderr, "bench: -runs, -devices, -join-rate and -go-count must be at least 1")
+	if c.profileBroker != "embedded" && c.profileBroker != "mosquitto" {
+		fmt.Fprintf(stderr, "bench: -profile-broker %q: choose embedded or mosquitto\n", c.profileBroker)
+		return 2
+	}
+	if c.runs < 1 || c.devices < 1 || c.goCount < 1 || c.joinRate < 1 || c.simDevices < 1 {
+		fmt.Fprintln(stderr, "bench: -runs, -devices, -join-rate, -sim-devices and -go-count must be at least 1")
 		return 2
 	}
 	wd, err := os.Getwd()
@@ -150,7 +164,9 @@ func doMain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "bench:", err)
 		return 1
 	}
-	fmt.Fprintf(stdout, "wrote %s\n", c.out)
+	if !c.profileOnly {
+		fmt.Fprintf(stdout, "wrote %s\n", c.out)
+	}
 	return 0
 }
 
@@ -179,12 +195,13 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 	}
 	e := &env{cfg: c, work: work, log: log}
 	res := &results{
-		Machine:   describeMachine(ctx, c.root),
-		Command:   "go run ./scripts/bench " + strings.Join(args, " "),
-		Started:   time.Now().UTC(),
-		Runs:      c.runs,
-		JoinRate:  c.joinRate,
-		LoadStart: loadAverage(),
+		Machine:    describeMachine(ctx, c.root),
+		Command:    "go run ./scripts/bench " + strings.Join(args, " "),
+		Started:    time.Now().UTC(),
+		Runs:       c.runs,
+		JoinRate:   c.joinRate,
+		SimDevices: c.simDevices,
+		LoadStart:  loadAverage(),
 	}
 	if os.Getenv("MAKELEVEL") != "" {
 		res.Command = "make bench` (`" + res.Command
@@ -247,11 +264,22 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 	if c.only["rollout"] {
 		end := res.timed("rollout")
 		res.Rollout, res.Profile = nil, nil
+		if c.profileOnly {
+			log.Info("profiling the controller and the simulators through a rollout session", "broker", c.profileBroker, "devices", c.devices)
+			res.Profile = e.profileRollout(ctx, c.profileBroker, c.devices)
+			end()
+			return writeProfileOnly(c, res, log)
+		}
 		for _, kind := range e.brokers() {
 			log.Info("benchmark: rollout", "broker", kind, "devices", c.devices)
-			r := e.benchRollout(ctx, kind, c.devices)
+			// The profile broker's session profiles one more rollout
+			// after its measured ones, if they missed the target.
+			r := e.benchRollout(ctx, kind, c.devices, kind == c.profileBroker)
 			if ctx.Err() != nil {
 				return ctx.Err()
+			}
+			if r.Profile != nil {
+				res.Profile = r.Profile
 			}
 			res.Rollout = append(res.Rollout, r)
 			if len(finished(r.Runs)) == 0 && c.fallback > 0 && c.fallback < c.devices {
@@ -260,9 +288,12 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 				// figures at all, not medians.
 				runs := e.cfg.runs
 				e.cfg.runs = 1
-				f := e.benchRollout(ctx, kind, c.fallback)
+				f := e.benchRollout(ctx, kind, c.fallback, kind == c.profileBroker && res.Profile == nil)
 				e.cfg.runs = runs
 				f.Fallback = true
+				if f.Profile != nil {
+					res.Profile = f.Profile
+				}
 				res.Rollout = append(res.Rollout, f)
 			}
 		}
@@ -273,8 +304,8 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 		}
 		res.SimMemory = m
 		res.evaluate()
-		if c.profile || res.controllerMissed() {
-			log.Info("profiling the controller through one more rollout")
+		if res.Profile == nil && (c.profile || res.controllerMissed()) {
+			log.Info("profiling the controller through a session of its own")
 			// Profile the size that finished: a run that cannot finish
 			// profiles mostly waiting. The per-device costs show at any
 			// size.
@@ -284,7 +315,7 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 					n = r.Devices
 				}
 			}
-			res.Profile = e.profileRollout(ctx, n)
+			res.Profile = e.profileRollout(ctx, c.profileBroker, n)
 		}
 		end()
 	}
@@ -310,4 +341,27 @@ func run(ctx context.Context, c config, args []string, log *slog.Logger) error {
 		}
 	}
 	return writeReport(c.out, res.markdown())
+}
+
+// writeProfileOnly prints what a -profile-only run found, and writes
+// nothing into the report: a profiled session is slower than a measured
+// one, so its figures do not belong in the tables.
+func writeProfileOnly(c config, res *results, log *slog.Logger) error {
+	p := res.Profile
+	if p == nil {
+		return errors.New("no profile")
+	}
+	var b strings.Builder
+	s := p.Session
+	fmt.Fprintf(&b, "profiled session: %s broker, %d devices, join %s, install %s, controller peak %s, err %q\n",
+		s.Broker, p.Devices, secs(s.Join), secs(s.Install.Rollout), mibStr(s.CtlPeak), s.Err)
+	for i, x := range s.Runs {
+		fmt.Fprintf(&b, "run %d: %s in %s, controller CPU %s, simulators CPU %s, decisions %v, %s msgs/s, err %q\n",
+			i+1, x.Version, secs(x.Rollout), secs(x.RolloutCPU), secs(x.SimCPU), x.Decisions, fmt.Sprintf("%.0f", x.Messages), x.Err)
+	}
+	fmt.Fprintf(&b, "\ncontroller CPU:\n%s\n\ncontroller heap:\n%s\n\nsimulators CPU:\n%s\n",
+		strings.Join(p.CPU, "\n"), strings.Join(p.Heap, "\n"), strings.Join(p.SimCPU, "\n"))
+	fmt.Fprint(os.Stdout, b.String())
+	log.Info("profile-only run: BENCHMARKS.md left as it was")
+	return nil
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,18 +21,20 @@ type results struct {
 	Started, Finished time.Time
 	Runs              int
 	JoinRate          int
-	Agent             *agentResult
-	Ingest            []ingestResult
-	Rollout           []rolloutResult
-	SimMemory         *simMemory
-	Profile           *controllerProfile
-	IngestProfile     *ingestProfile
-	Go                []goBench
-	GoCount           int
-	GoBenchtime       string
-	GoPkgs            string
-	Notes             []string
-	Targets           []target
+	// SimDevices is how many devices one `fleet sim` process ran.
+	SimDevices    int
+	Agent         *agentResult
+	Ingest        []ingestResult
+	Rollout       []rolloutResult
+	SimMemory     *simMemory
+	Profile       *controllerProfile
+	IngestProfile *ingestProfile
+	Go            []goBench
+	GoCount       int
+	GoBenchtime   string
+	GoPkgs        string
+	Notes         []string
+	Targets       []target
 	// LoadStart and LoadEnd are /proc/loadavg's first three fields: other
 	// work on the machine shows there and makes every figure worse.
 	LoadStart, LoadEnd string
@@ -106,7 +109,7 @@ func (r *results) mergeFrom(path string, only map[string]bool) error {
 		r.Ingest, r.IngestProfile = old.Ingest, old.IngestProfile
 	}
 	if keep("rollout") {
-		r.Rollout, r.SimMemory, r.Profile, r.JoinRate = old.Rollout, old.SimMemory, old.Profile, old.JoinRate
+		r.Rollout, r.SimMemory, r.Profile, r.JoinRate, r.SimDevices = old.Rollout, old.SimMemory, old.Profile, old.JoinRate, old.SimDevices
 	}
 	if keep("go") {
 		r.Go, r.GoCount, r.GoBenchtime, r.GoPkgs = old.Go, old.GoCount, old.GoBenchtime, old.GoPkgs
@@ -390,9 +393,11 @@ func (r *results) markdown() string {
 			"`soak: 0s`, no gates. Rollout wall time runs from the request until the rollout succeeded and every device reports the "+
 			"new version; controller CPU is its user+system time over that span; MQTT messages are the PUBLISH packets the simulated "+
 			"devices sent and received per second during the rollout; the wave decision latency is the time from the last device of a "+
-			"wave counting as succeeded to the first device of the next being notified, as seen polling the rollout every %d ms (worst "+
-			"wave of the run). Controller memory: resident with the fleet joined, and its peak (VmHWM) over the whole session, join included.\n\n",
-			devicesPerSim, r.JoinRate, benchModel, strings.Join(rolloutWaves, ", "), pollEvery.Milliseconds())
+			"wave counting as succeeded to the first device of the next being notified, as seen polling the rollout every %d ms from "+
+			"the moment a wave is %.0f %% done until the next has started, every %d ms before that (a status read costs the controller a "+
+			"query over every device step, so the bench reads it fast only where the latency is measured; a wave seen done after a slow "+
+			"read counts from the read before, so the latency can only come out longer) (worst wave of the run). Controller memory: resident with the fleet joined, and its peak (VmHWM) over the whole session, join included.\n\n",
+			cmp.Or(r.SimDevices, 2000), r.JoinRate, benchModel, strings.Join(rolloutWaves, ", "), pollEvery.Milliseconds(), pollNear*100, pollSlow.Milliseconds())
 		w("| broker | devices | upgrade rollout: wall time | controller CPU | wave decision latency (worst) | MQTT messages/s | controller memory idle / peak | install rollout | fleet join |\n")
 		w("|---|---|---|---|---|---|---|---|---|\n")
 		for _, ro := range r.Rollout {
@@ -421,7 +426,8 @@ func (r *results) markdown() string {
 			w("| %s | %s | %s | %s | %s | %s | %s / %s | %s | %s |\n", ro.Broker, devices, wall, cpu, dec, msgs,
 				mibStr(ro.CtlIdle), mibStr(ro.CtlPeak), install, secs(ro.Join))
 		}
-		w("\nEvery rollout:\n\n| broker | devices | rollout | wall time | phase | decision latencies | controller CPU | MQTT messages/s | error |\n|---|---|---|---|---|---|---|---|---|\n")
+		w("\nEvery rollout (simulators CPU: every `fleet sim` process's user+system time over the rollout, on the same two cores):\n\n" +
+			"| broker | devices | rollout | wall time | phase | decision latencies | controller CPU | simulators CPU | MQTT messages/s | error |\n|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, ro := range r.Rollout {
 			if ro.Install.Version != "" {
 				w("%s", rolloutRow(ro, "install "+ro.Install.Version, ro.Install))
@@ -430,10 +436,10 @@ func (r *results) markdown() string {
 				w("%s", rolloutRow(ro, fmt.Sprintf("run %d: %s", i+1, x.Version), x))
 			}
 			if ro.Err != "" {
-				w("| %s | %d | session | | stopped | | | | %s |\n", ro.Broker, ro.Devices, cell(ro.Err))
+				w("| %s | %d | session | | stopped | | | | | %s |\n", ro.Broker, ro.Devices, cell(ro.Err))
 			}
 			if ro.Dropped > 0 {
-				w("| %s | %d | session | | | | | | the embedded broker dropped %d device messages for the controller's session (over mochi's in-flight limit) |\n",
+				w("| %s | %d | session | | | | | | | the embedded broker dropped %d device messages for the controller's session (over mochi's in-flight limit) |\n",
 					ro.Broker, ro.Devices, ro.Dropped)
 			}
 			if ro.Assign > 0 {
@@ -441,7 +447,7 @@ func (r *results) markdown() string {
 				if ro.AssignErr != "" {
 					a = "did not finish: " + cell(ro.AssignErr)
 				}
-				w("| %s | %d | assignment path (every device at once) | %s | | | | | |\n", ro.Broker, ro.Devices, a)
+				w("| %s | %d | assignment path (every device at once) | %s | | | | | | |\n", ro.Broker, ro.Devices, a)
 			}
 		}
 		w("\n")
@@ -488,8 +494,8 @@ func (r *results) markdown() string {
 					split = fmt.Sprintf(" (anonymous %s: Go heap and stacks, wazero's compiled code, SQLite's cache; file-backed %s: the binary's pages in use)",
 						mibStr(median(im.Anon)), mibStr(median(im.File)))
 				}
-				w("| idle resident memory (VmRSS), serving %s (%s module), %s after 20 inferences | %s%s |\n",
-					im.Model, sizeStr(im.ModuleSize), idleSettle, mibStr(median(im.RSS)), split)
+				w("| idle resident memory (VmRSS), serving %s (%s module), %s after 20 inferences (%s) | %s%s |\n",
+					im.Model, sizeStr(im.ModuleSize), idleSettle, im.setting(), mibStr(median(im.RSS)), split)
 			}
 		}
 		if s := r.SimMemory; s != nil && s.Large > 0 {
@@ -516,15 +522,31 @@ func (r *results) markdown() string {
 		if len(p.Session.Runs) > 0 {
 			run = p.Session.Runs[0]
 		}
-		w("One more embedded-broker session with %d devices and one upgrade rollout, the controller under runtime/pprof (the same code as "+
-			"`fleet-controller`, built into scripts/bench): CPU profiled from the fleet's join to the end of the session (join %s, install "+
-			"rollout %s, upgrade rollout %s with %s of controller CPU%s; peak resident memory %s), heap in use at the end.\n\n",
-			p.Devices, secs(p.Session.Join), secs(p.Session.Install.Rollout), secs(run.Rollout), secs(run.RolloutCPU), errNote(run.Err), mibStr(p.Session.CtlPeak))
+		broker := p.Broker
+		if broker == "" {
+			broker = "embedded"
+		}
+		if p.InSession {
+			w("One more upgrade rollout of the %s-broker session's fleet of %d devices, after its measured ones and not counted in them, "+
+				"the controller's CPU profiled over that rollout alone (runtime/pprof in the same controller code as `fleet-controller`, built "+
+				"into scripts/bench, which ran the whole session): %s with %s of controller CPU and %s of the simulators'%s; heap in use at "+
+				"its end; the controller's peak resident memory %s.\n\n",
+				broker, p.Devices, secs(run.Rollout), secs(run.RolloutCPU), secs(run.SimCPU), errNote(run.Err), mibStr(p.Session.CtlPeak))
+		} else {
+			w("One more %s-broker session with %d devices and %d upgrade rollout(s), the controller under runtime/pprof (the same code as "+
+				"`fleet-controller`, built into scripts/bench): CPU profiled from the fleet's join to the end of the session (join %s, install "+
+				"rollout %s, upgrade rollout %s with %s of controller CPU%s; peak resident memory %s), heap in use at the end.\n\n",
+				broker, p.Devices, max(1, len(p.Session.Runs)), secs(p.Session.Join), secs(p.Session.Install.Rollout), secs(run.Rollout), secs(run.RolloutCPU), errNote(run.Err), mibStr(p.Session.CtlPeak))
+		}
 		if len(p.CPU) > 0 {
 			w("CPU:\n\n```\n%s\n```\n\n", strings.Join(p.CPU, "\n"))
 		}
 		if len(p.Heap) > 0 {
 			w("Heap in use:\n\n```\n%s\n```\n\n", strings.Join(p.Heap, "\n"))
+		}
+		if len(p.SimCPU) > 0 {
+			w("The simulators' CPU over the same session, every `fleet sim` process's profile merged (`fleet sim --cpuprofile`, "+
+				"from their start to their stop: the join, the install and every rollout):\n\n```\n%s\n```\n\n", strings.Join(p.SimCPU, "\n"))
 		}
 	}
 
@@ -582,8 +604,12 @@ func rolloutRow(ro rolloutResult, what string, x rolloutRun) string {
 	if x.Err != "" {
 		phase += fmt.Sprintf(" (%d of %d devices on %s when the bench stopped waiting)", x.Done, ro.Devices, x.Version)
 	}
-	return fmt.Sprintf("| %s | %d | %s | %s | %s | %s | %s | %.0f | %s |\n", ro.Broker, ro.Devices, what, secs(x.Rollout), phase,
-		strings.Join(decs, ", "), secs(x.RolloutCPU), x.Messages, cell(x.Err))
+	simCPU := ""
+	if x.SimCPU > 0 {
+		simCPU = secs(x.SimCPU)
+	}
+	return fmt.Sprintf("| %s | %d | %s | %s | %s | %s | %s | %s | %.0f | %s |\n", ro.Broker, ro.Devices, what, secs(x.Rollout), phase,
+		strings.Join(decs, ", "), secs(x.RolloutCPU), simCPU, x.Messages, cell(x.Err))
 }
 
 func errNote(err string) string {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -56,6 +57,9 @@ type rolloutResult struct {
 	// Err says why the session stopped early; the figures are what was
 	// measured until then.
 	Err string
+	// Profile is the profiled rollout run after the measured ones, when
+	// the session made one (see rolloutSession); results.Profile keeps it.
+	Profile *controllerProfile `json:"-"`
 }
 
 // rolloutRun is one rollout of the benchmark.
@@ -67,6 +71,10 @@ type rolloutRun struct {
 	// controller's CPU time over the same span.
 	Rollout    time.Duration
 	RolloutCPU time.Duration
+	// SimCPU is the simulators' CPU time over the same span (user+system,
+	// every process): on a machine that runs both, the controller's
+	// rival for the cores.
+	SimCPU time.Duration
 	// Decisions are, per wave after the first, the time from the last
 	// device of the wave before counting as succeeded to the first device
 	// of this wave being notified, as seen by polling every pollEvery.
@@ -81,22 +89,39 @@ type rolloutRun struct {
 	Err string
 }
 
-// pollEvery is how often the rollout's status is read.
-const pollEvery = 50 * time.Millisecond
+// pollEvery is how often the rollout's status is read around a wave's
+// end, where the decision latency is measured; pollSlow is how often it
+// is read while the current wave is far from done. Each read costs the
+// controller a query over every device step of the rollout (10,000 rows
+// at 10,000 devices): read twenty times a second through a whole
+// rollout, that was 18 % of the controller's CPU, load the benchmark put
+// on what it measures.
+const (
+	pollEvery = 50 * time.Millisecond
+	pollSlow  = 250 * time.Millisecond
+	// pollNear is the share of a wave's devices done from which the
+	// status is read every pollEvery.
+	pollNear = 0.9
+)
 
 // versions are the benchmark model's versions a session uses: 1.0.0 to
-// install, one more per run, one more for the assignment path.
+// install, one more per run, one more for the profiled run, one more for
+// the assignment path.
 func (c config) versions() []string {
 	var v []string
-	for i := range c.runs + 2 {
+	for i := range c.runs + 3 {
 		v = append(v, fmt.Sprintf("%d.0.0", i+1))
 	}
 	return v
 }
 
 // benchRollout runs one session against a fresh broker and controller.
-func (e *env) benchRollout(ctx context.Context, kind string, n int) rolloutResult {
-	res, err := e.rolloutSession(ctx, kind, n, false, nil)
+func (e *env) benchRollout(ctx context.Context, kind string, n int, profile bool) rolloutResult {
+	var prof func(dir string, sims []string)
+	if profile {
+		prof = func(string, []string) {}
+	}
+	res, err := e.rolloutSession(ctx, kind, n, false, prof)
 	if err != nil {
 		// A session that does not finish is a result too: the report
 		// says where it stopped.
@@ -112,8 +137,15 @@ func (e *env) benchRollout(ctx context.Context, kind string, n int) rolloutResul
 // every device at once (the assignment path). With profiled, the
 // controller runs under runtime/pprof, its CPU profiled from the join to
 // the end of the session; then prof receives the directory holding the
-// profiles.
-func (e *env) rolloutSession(ctx context.Context, kind string, n int, profiled bool, prof func(dir string)) (r rolloutResult, err error) {
+// profiles. Without profiled but with prof, the controller runs under
+// the same wrapper but unprofiled, the simulators under --cpuprofile, and
+// when a measured run missed the target (or -profile), the session rolls
+// out one more version, not measured, with the controller's CPU profiled
+// over just that rollout (r.Profile): where the time goes, without a
+// session of its own (a join and an install) and without the profiler in
+// the measured runs.
+func (e *env) rolloutSession(ctx context.Context, kind string, n int, profiled bool, prof func(dir string, sims []string)) (r rolloutResult, err error) {
+	extra := !profiled && prof != nil
 	r.Broker, r.Devices = kind, n
 	external := ""
 	if kind == "mosquitto" {
@@ -124,7 +156,7 @@ func (e *env) rolloutSession(ctx context.Context, kind string, n int, profiled b
 		defer m.Kill()
 		external = url
 	}
-	c, err := e.startController(ctx, external, profiled)
+	c, err := e.startController(ctx, external, profiled || extra)
 	if err != nil {
 		return r, err
 	}
@@ -140,6 +172,9 @@ func (e *env) rolloutSession(ctx context.Context, kind string, n int, profiled b
 	if err := c.pushModels(ctx, bundles...); err != nil {
 		return r, err
 	}
+	// simProfiles are the simulators' CPU profiles, written when they
+	// stop (before the deferred function below runs).
+	var simProfiles []string
 	if profiled {
 		// Profile from the join on: at scale the join is where the
 		// controller works hardest. The heap profile is written at the
@@ -149,13 +184,16 @@ func (e *env) rolloutSession(ctx context.Context, kind string, n int, profiled b
 			_ = syscall.Kill(c.p.Pid(), syscall.SIGUSR2)
 			sleep(ctx, 3*time.Second)
 			if prof != nil {
-				prof(c.dir)
+				prof(c.dir, simProfiles)
 			}
 		}()
 	}
 
 	start := time.Now()
-	s, err := e.joinFleet(ctx, c, n)
+	s, err := e.joinFleet(ctx, c, n, profiled || extra)
+	if s != nil {
+		simProfiles = s.cpuProfiles
+	}
 	if s != nil {
 		defer s.stop()
 	}
@@ -180,7 +218,7 @@ func (e *env) rolloutSession(ctx context.Context, kind string, n int, profiled b
 		x := e.rollout(ctx, c, s, n, versions[i+1])
 		r.Runs = append(r.Runs, x)
 		e.log.Info("rollout", "broker", kind, "run", i+1, "version", x.Version, "devices", n, "took", x.Rollout.Round(time.Millisecond),
-			"phase", x.Phase, "decisions", x.Decisions, "ctl_cpu", x.RolloutCPU, "msgs_per_s", int(x.Messages), "err", x.Err)
+			"phase", x.Phase, "decisions", x.Decisions, "ctl_cpu", x.RolloutCPU, "sim_cpu", x.SimCPU, "msgs_per_s", int(x.Messages), "err", x.Err)
 		if ctx.Err() != nil {
 			return r, ctx.Err()
 		}
@@ -195,7 +233,33 @@ func (e *env) rolloutSession(ctx context.Context, kind string, n int, profiled b
 	if e.cfg.assign {
 		e.assignAll(ctx, c, s, n, versions[len(versions)-1], &r)
 	}
+	if extra && (e.cfg.profile || slices.ContainsFunc(r.Runs, func(x rolloutRun) bool { return x.Rollout > targetRollout })) {
+		r.Profile = e.profileRun(ctx, c, s, n, versions[e.cfg.runs+1], r)
+	}
 	return r, nil
+}
+
+// profileRun rolls version out once more, not measured, with the
+// controller's CPU profiled over that rollout, then stops the simulators
+// so they write their CPU profiles (which cover their whole session).
+func (e *env) profileRun(ctx context.Context, c *ctl, s *simFleet, n int, version string, r rolloutResult) *controllerProfile {
+	e.log.Info("profiling the controller through one more rollout", "broker", r.Broker, "devices", n, "version", version)
+	p := &controllerProfile{Broker: r.Broker, Devices: n, InSession: true}
+	_ = syscall.Kill(c.p.Pid(), syscall.SIGUSR1)
+	x := e.rollout(ctx, c, s, n, version)
+	_ = syscall.Kill(c.p.Pid(), syscall.SIGUSR2)
+	e.log.Info("profiled rollout", "broker", r.Broker, "version", version, "took", x.Rollout.Round(time.Millisecond), "ctl_cpu", x.RolloutCPU, "sim_cpu", x.SimCPU, "err", x.Err)
+	p.Session = r
+	p.Session.Runs = []rolloutRun{x}
+	_, p.Session.CtlPeak, _ = memory(c.p.Pid())
+	sleep(ctx, 3*time.Second) // the heap profile is written on SIGUSR2
+	p.CPU = pprofTop(ctx, filepath.Join(c.dir, "cpu.prof"), "", 30, true)
+	p.Heap = pprofTop(ctx, filepath.Join(c.dir, "heap.prof"), "inuse_space", 15, false)
+	s.stop()
+	if len(s.cpuProfiles) > 0 {
+		p.SimCPU = pprofTop(ctx, s.cpuProfiles[0], "", 30, true, s.cpuProfiles[1:]...)
+	}
+	return p
 }
 
 // rollout rolls version out to the fleet in the benchmark's four waves
@@ -209,6 +273,7 @@ func (e *env) rollout(ctx context.Context, c *ctl, s *simFleet, n int, version s
 	}
 	msgs0, t0 := s.status(), time.Now()
 	cpu0, _ := cpuTime(c.p.Pid())
+	simCPU0 := s.cpu()
 	var created apiRollout
 	if _, err := c.call(ctx, http.MethodPost, "/v1/rollouts", spec, &created); err != nil {
 		f.Err = err.Error()
@@ -224,6 +289,7 @@ func (e *env) rollout(ctx context.Context, c *ctl, s *simFleet, n int, version s
 	f.Rollout = t1.Sub(t0)
 	cpu1, _ := cpuTime(c.p.Pid())
 	f.RolloutCPU = cpu1 - cpu0
+	f.SimCPU = s.cpu() - simCPU0
 	final := s.status()
 	f.Done = final.Running[want]
 	f.Messages = float64(final.Published+final.Received-msgs0.Published-msgs0.Received) / t1.Sub(t0).Seconds()
@@ -295,11 +361,19 @@ type apiRollout struct {
 var finishedSteps = []string{"healthy", "failed", "timed-out", "skipped", "rolled-back"}
 
 // followRollout polls a rollout until it ends and returns, for each wave
-// after the first, the decision latency it saw.
+// after the first, the decision latency it saw: from the last read that
+// found the wave before not yet done (or, read every pollEvery, the
+// first that found it done) to the first that found this one started.
+// The status is read every pollEvery once the current wave is nearly
+// done, every pollSlow before that; where a wave finished within a slow
+// interval, the latency is counted from the start of that interval, so
+// slow reading can only make a decision look slower, never faster.
 func (c *ctl) followRollout(ctx context.Context, id string, timeout time.Duration) (apiRollout, []time.Duration, error) {
 	var st apiRollout
 	var allDone, started []time.Time
 	deadline := time.Now().Add(timeout)
+	var prev time.Time // the last read's time
+	fast := false      // whether the last read was pollEvery after the one before
 	for {
 		if _, err := c.call(ctx, http.MethodGet, "/v1/rollouts/"+id, nil, &st); err != nil {
 			return st, nil, err
@@ -308,6 +382,7 @@ func (c *ctl) followRollout(ctx context.Context, id string, timeout time.Duratio
 		if allDone == nil {
 			allDone, started = make([]time.Time, len(st.Waves)), make([]time.Time, len(st.Waves))
 		}
+		near := false
 		for i, w := range st.Waves {
 			if i >= len(allDone) {
 				break
@@ -318,9 +393,18 @@ func (c *ctl) followRollout(ctx context.Context, id string, timeout time.Duratio
 			}
 			if done >= w.Size && w.Size > 0 && allDone[i].IsZero() {
 				allDone[i] = now
+				if !fast && !prev.IsZero() {
+					allDone[i] = prev
+				}
 			}
 			if started[i].IsZero() && (w.Steps["notified"] > 0 || w.State != "pending" && w.State != "waiting-approval") {
 				started[i] = now
+			}
+			// The wave under way, nearly done; or done, with the next
+			// not seen started yet: a decision is due.
+			if !started[i].IsZero() && w.Size > 0 && (allDone[i].IsZero() && float64(done) >= pollNear*float64(w.Size) ||
+				!allDone[i].IsZero() && i+1 < len(started) && started[i+1].IsZero()) {
+				near = true
 			}
 		}
 		switch st.Phase {
@@ -339,7 +423,12 @@ func (c *ctl) followRollout(ctx context.Context, id string, timeout time.Duratio
 		if now.After(deadline) {
 			return st, nil, fmt.Errorf("rollout %s still %s after %s (wave %v)", id, st.Phase, timeout, st.Waves)
 		}
-		sleep(ctx, pollEvery)
+		prev, fast = now, near
+		if near {
+			sleep(ctx, pollEvery)
+		} else {
+			sleep(ctx, pollSlow)
+		}
 	}
 }
 
@@ -370,7 +459,7 @@ func (e *env) benchSimMemory(ctx context.Context, rollouts []rolloutResult) (*si
 			m.Large, m.LargeRSS = r.Devices, r.SimRSS
 		}
 	}
-	m.LargeProcs = (m.Large + devicesPerSim - 1) / devicesPerSim
+	m.LargeProcs = (m.Large + e.cfg.simDevices - 1) / e.cfg.simDevices
 	m.Small = max(1, m.Large/10)
 	c, err := e.startController(ctx, "", false)
 	if err != nil {
@@ -411,7 +500,7 @@ func (e *env) benchSimMemory(ctx context.Context, rollouts []rolloutResult) (*si
 // pprofTop returns the top lines of `go tool pprof -top` for a profile,
 // sorted by cumulative share with cum (where the time goes, call chains
 // included) or by own share.
-func pprofTop(ctx context.Context, profile, index string, n int, cum bool) []string {
+func pprofTop(ctx context.Context, profile, index string, n int, cum bool, more ...string) []string {
 	args := []string{"tool", "pprof", "-top", fmt.Sprintf("-nodecount=%d", n)}
 	if cum {
 		args = append(args, "-cum")
@@ -419,7 +508,8 @@ func pprofTop(ctx context.Context, profile, index string, n int, cum bool) []str
 	if index != "" {
 		args = append(args, "-sample_index="+index)
 	}
-	out, err := exec.CommandContext(ctx, "go", append(args, profile)...).Output()
+	args = append(append(args, profile), more...)
+	out, err := exec.CommandContext(ctx, "go", args...).Output()
 	if err != nil {
 		return []string{fmt.Sprintf("(go tool pprof %s: %v)", profile, err)}
 	}
@@ -442,22 +532,35 @@ func pprofTop(ctx context.Context, profile, index string, n int, cum bool) []str
 // controllerProfile is where a profiled rollout spent the controller's
 // CPU and what its heap held at the end.
 type controllerProfile struct {
+	Broker  string
 	Devices int
-	Session rolloutResult
-	CPU     []string
-	Heap    []string
+	// InSession says the profile is of one more rollout in a measured
+	// session (profileRun), not of a session of its own (profileRollout).
+	InSession bool
+	Session   rolloutResult
+	CPU       []string
+	Heap      []string
+	// SimCPU is where the simulators' CPU went over the same session
+	// (every process's profile, merged).
+	SimCPU []string
 }
 
-// profileRollout runs the embedded-broker session once more, with one
-// measured rollout, and the controller under runtime/pprof.
-func (e *env) profileRollout(ctx context.Context, n int) *controllerProfile {
-	p := &controllerProfile{Devices: n}
+// profileRollout runs a session once more on broker kind, with one
+// measured rollout (-runs with -profile-only), the controller under
+// runtime/pprof and the simulators under --cpuprofile.
+func (e *env) profileRollout(ctx context.Context, kind string, n int) *controllerProfile {
+	p := &controllerProfile{Broker: kind, Devices: n}
 	cfg := e.cfg
-	e.cfg.runs = 1
+	if !cfg.profileOnly {
+		e.cfg.runs = 1
+	}
 	defer func() { e.cfg = cfg }()
-	res, err := e.rolloutSession(ctx, "embedded", n, true, func(dir string) {
+	res, err := e.rolloutSession(ctx, kind, n, true, func(dir string, sims []string) {
 		p.CPU = pprofTop(ctx, filepath.Join(dir, "cpu.prof"), "", 30, true)
 		p.Heap = pprofTop(ctx, filepath.Join(dir, "heap.prof"), "inuse_space", 15, false)
+		if len(sims) > 0 {
+			p.SimCPU = pprofTop(ctx, sims[0], "", 30, true, sims[1:]...)
+		}
 	})
 	p.Session = res
 	if err != nil {

@@ -20,30 +20,20 @@ import (
 // build up a backlog of inference records while cut off from the network,
 // then all come back at once and send it as fast as their send windows
 // allow, through a broker at its default settings: the controller's
-// embedded one, and Mosquitto as shipped when CI=true (see the skip
-// there). Afterwards the controller's store holds every record of every
-// agent exactly once.
+// embedded one, and Mosquitto as shipped (max_queued_messages 1000 for
+// the controller's session). Afterwards the controller's store holds every
+// record of every agent exactly once.
 func TestThousandAgentsLoseNothing(t *testing.T) {
 	if testing.Short() {
 		t.Skip("end-to-end test; skipped with -short")
 	}
 	t.Run("embedded", func(t *testing.T) { thousandAgents(t, "") })
 	t.Run("mosquitto", func(t *testing.T) {
-		if os.Getenv("CI") != "true" {
-			t.Skip("the Mosquitto run is for CI (CI=true)")
-		}
-		if os.Getenv("EDGEFLEET_E2E_MOSQUITTO_1000") == "" {
-			// Known gap (2026-11-27): the setup does not get through. The
-			// controller's inventory stores each hello, state and event
-			// in its own transaction; 1,000 agents' bursts outrun it, and
-			// Mosquitto at its defaults drops what queues past 1,000
-			// messages for the controller, so some devices never show
-			// their model active. Telemetry is not reached. Set
-			// EDGEFLEET_E2E_MOSQUITTO_1000=1 to run it anyway.
-			t.Skip("known gap: the controller's inventory loses 1,000 agents' control messages through Mosquitto at its defaults; EDGEFLEET_E2E_MOSQUITTO_1000=1 runs it")
+		if mosquittoBinary() == "" && os.Getenv("CI") == "true" {
+			t.Fatal("mosquitto is not installed; CI must run the Mosquitto variant (apt-get install -y mosquitto)")
 		}
 		addr := fmt.Sprintf("127.0.0.1:%d", port(t))
-		mosquittoAt(t, t.TempDir(), addr)
+		mosquittoAt(t, t.TempDir(), addr) // skips if mosquitto is not installed
 		thousandAgents(t, "tcp://"+addr)
 	})
 }
@@ -63,12 +53,15 @@ func thousandAgents(t *testing.T, external string) {
 	s, err := sim.New(sim.Options{Agents: agents, Broker: f.broker, Controller: f.api, Labels: simLabels(t, "fleet=sim"), Seed: 1,
 		AgentLogger: slog.New(slog.NewTextHandler(simLog, &slog.HandlerOptions{Level: slog.LevelWarn})),
 		MaxBackoff:  2 * time.Second, RetryMin: 200 * time.Millisecond, AllowUnsigned: true,
-		// Connects spread over 10 s: the controller's inventory stores
-		// each hello, state and event in its own transaction, and
-		// Mosquitto at its defaults drops what queues past 1,000 messages
-		// for a slow subscriber (a state report every 5 s repairs that).
-		// What this test loads is telemetry, which flows under the
-		// agents' send windows.
+		// Connects spread over 10 s, and a state report every 5 s.
+		// Mosquitto at its defaults sends the controller 20 messages at a
+		// time and drops what queues past 1,000 more. With all 1,000
+		// agents connecting within a second (hello, presence and state
+		// each), one run at load 35 lost 63 hellos that way: the
+		// controller only queues each message for its writers, but on
+		// two loaded cores its acks came too slowly for that burst. What
+		// this test loads is telemetry, which flows under the agents'
+		// send windows and is resent until acked.
 		StartRate: 100, StateInterval: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)

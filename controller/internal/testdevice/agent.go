@@ -29,10 +29,20 @@ type Behavior struct {
 	Inferences int
 	// Latency is the latency of each inference.
 	Latency time.Duration
+	// Every, if set, sends the Inferences again every Every while the
+	// version is active: traffic that keeps coming, which the latency gate
+	// needs (it judges minutes after the one a device activated in).
+	Every time.Duration
 	// ErrorRate is the fraction of inferences that fail.
 	ErrorRate float64
 	// Download is how long the download takes.
 	Download time.Duration
+	// LateReports makes the agent, once it activated the version, send
+	// reports from before the activation again, as an agent whose
+	// connection dropped re-sends what the broker had not acknowledged:
+	// its state showing the version still pending, and a download failure
+	// (stamped before the activation) that it had retried.
+	LateReports bool
 }
 
 // Agent is a fake agent: it speaks the wire protocol the way the real
@@ -91,6 +101,9 @@ func StartAgent(t testing.TB, url, id string, labels map[string]string, first *p
 		t.Fatalf("agent %s: connect to %s: %v", id, url, tok.Error())
 	}
 	go a.loop()
+	if every := a.every(); every > 0 {
+		go a.stream(every)
+	}
 	t.Cleanup(a.Stop)
 	return a
 }
@@ -174,6 +187,40 @@ func (a *Agent) state() *pb.ReportedState {
 
 func (a *Agent) event(kind pb.EventKind, slot string, m *pb.ModelRef, gen uint64, rollout, detail string) {
 	a.send(wire.KindEvents, &pb.Event{Kind: kind, Slot: slot, Model: m, Generation: gen, RolloutId: rollout, Detail: detail, AtUnixMs: time.Now().UnixMilli()})
+}
+
+// every is the shortest Every of the behaviors, 0 if none streams.
+func (a *Agent) every() time.Duration {
+	var d time.Duration
+	for _, b := range a.behaviors {
+		if b.Every > 0 && (d == 0 || b.Every < d) {
+			d = b.Every
+		}
+	}
+	return d
+}
+
+// stream sends the active version's inferences every tick, for the
+// behaviors with Every set, until the agent stops.
+func (a *Agent) stream(tick time.Duration) {
+	t := time.NewTicker(tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-a.done:
+			return
+		case <-t.C:
+		}
+		a.mu.Lock()
+		var m *pb.ModelRef
+		if s := a.slots["default"]; s != nil && s.GetActive() != nil && a.behavior(s.GetActive().GetVersion()).Every > 0 {
+			m = s.GetActive()
+		}
+		a.mu.Unlock()
+		if m != nil && a.c.IsConnectionOpen() {
+			a.infer(m)
+		}
+	}
 }
 
 // infer sends the inference records the behavior of m asks for.
@@ -284,6 +331,11 @@ func (a *Agent) install(gen uint64, as *pb.SlotAssignment) {
 	a.mu.Unlock()
 	a.event(pb.EventKind_EVENT_KIND_ACTIVATED, as.GetSlot(), m, gen, rid, "")
 	a.send(wire.KindState, a.state())
+	if b.LateReports && !as.GetRollback() {
+		// After the controller has seen the version active.
+		time.Sleep(300 * time.Millisecond)
+		a.sendLate(gen, as, old)
+	}
 	if as.GetRollback() {
 		a.mu.Lock()
 		s.Healthy = true
@@ -322,6 +374,22 @@ func (a *Agent) install(gen uint64, as *pb.SlotAssignment) {
 		a.event(pb.EventKind_EVENT_KIND_HEALTHY, as.GetSlot(), m, gen, rid, "")
 		a.send(wire.KindState, a.state())
 	})
+}
+
+// sendLate sends the reports of LateReports: the state from before the
+// activation of as (old active, as's model pending) and a failed download
+// stamped a second before it. The stale state stands until the agent's
+// next report (the end of its health watch).
+func (a *Agent) sendLate(gen uint64, as *pb.SlotAssignment, old *pb.ModelRef) {
+	st := a.state()
+	for _, s := range st.Slots {
+		if s.GetSlot() == as.GetSlot() {
+			s.Active, s.Pending, s.Healthy = old, as.GetModel(), old != nil
+		}
+	}
+	a.send(wire.KindState, st)
+	a.send(wire.KindEvents, &pb.Event{Kind: pb.EventKind_EVENT_KIND_FAILED, Slot: as.GetSlot(), Model: as.GetModel(), Generation: gen,
+		RolloutId: as.GetRolloutId(), Detail: "download: EOF (retried)", AtUnixMs: time.Now().Add(-time.Second).UnixMilli()})
 }
 
 // Active returns the version active in slot "default", "" if none.
