@@ -218,7 +218,7 @@ func New(opts Options) (*Link, error) {
 		received:  opts.Metrics.CounterVec("edgefleet_controller_mqtt_messages_received_total", "Well-formed MQTT messages received from devices, by kind.", "kind"),
 		malformed: opts.Metrics.CounterVec("edgefleet_controller_mqtt_messages_malformed_total", "MQTT messages dropped because they failed wire.Open (bad protobuf, oversize, wrong device or kind), by topic kind.", "kind"),
 		oversized: opts.Metrics.CounterVec("edgefleet_controller_mqtt_messages_oversized_total", "MQTT messages dropped unread for being over wire.MaxPayload (counted in malformed too), by topic kind.", "kind"),
-		published: opts.Metrics.CounterVec("edgefleet_controller_mqtt_messages_published_total", "MQTT messages the broker acknowledged, by kind.", "kind"),
+		published: opts.Metrics.CounterVec("edgefleet_controller_mqtt_messages_published_total", "MQTT messages published, by kind: acknowledged by the broker (QoS 1) or written to the connection (QoS 0, telemetry acks).", "kind"),
 		pubFailed: opts.Metrics.CounterVec("edgefleet_controller_mqtt_publish_failures_total", "MQTT publishes that failed or were not acknowledged in time, by kind.", "kind"),
 	}
 	opts.Metrics.GaugeFunc("edgefleet_controller_mqtt_queue_depth", "Messages received and waiting to be handled.", func() float64 { return float64(len(l.queue)) })
@@ -373,13 +373,18 @@ func (l *Link) subscribe(c paho.Client) bool {
 
 // onMessage runs on paho's delivery goroutine: it only queues.
 func (l *Link) onMessage(_ paho.Client, m paho.Message) {
-	l.deliver(m.Topic(), m.Payload(), m.Retained())
+	// paho reads each message into a payload of its own: kept as it is.
+	l.queueInbound(inbound{topic: m.Topic(), payload: m.Payload(), retained: m.Retained(), at: l.opts.Now()})
 }
 
-// deliver queues a copy of a message for the worker; it waits while the
-// queue is full, until the link stops.
+// deliver queues a copy of a message for the worker (the embedded broker
+// reuses payload once deliver returns); it waits while the queue is full,
+// until the link stops.
 func (l *Link) deliver(topic string, payload []byte, retained bool) {
-	in := inbound{topic: topic, payload: append([]byte(nil), payload...), retained: retained, at: l.opts.Now()}
+	l.queueInbound(inbound{topic: topic, payload: append([]byte(nil), payload...), retained: retained, at: l.opts.Now()})
+}
+
+func (l *Link) queueInbound(in inbound) {
 	select {
 	case l.queue <- in:
 	case <-l.stopping:
@@ -441,6 +446,26 @@ func (l *Link) PublishAsync(topic string, payload []byte, retained bool, done fu
 	case <-l.stopping:
 		done(fmt.Errorf("publish to %s: controller shutting down", topic))
 	}
+}
+
+// PublishAtMostOnce publishes payload with QoS 0: neither the broker nor
+// the device acknowledges it, and a device offline does not get it. For
+// messages whose loss the receiver repairs by itself, such as telemetry
+// acks (an agent resends what is not acked). It does not wait; a publish
+// that cannot even start (the link is down) returns its error.
+func (l *Link) PublishAtMostOnce(topic string, payload []byte) error {
+	tok := l.client.Publish(topic, 0, false, payload)
+	_, kind, _ := wire.ParseTopic(topic)
+	select {
+	case <-tok.Done():
+		if err := tok.Error(); err != nil {
+			l.pubFailed.With(string(kind)).Inc()
+			return fmt.Errorf("publish to %s: %w", topic, err)
+		}
+	default:
+	}
+	l.published.With(string(kind)).Inc()
+	return nil
 }
 
 func (l *Link) wait(ctx context.Context, topic string, tok paho.Token, deadline time.Time) error {

@@ -88,6 +88,20 @@ func benchBatches(tb testing.TB, dev string, n, size int, zstd bool) [][]byte {
 	return out
 }
 
+// keepNothing is a Store that stores nothing and says every record is
+// new: with it, ingest-nostore measures what ingest costs besides the
+// store (decoding, acks and their trips through the broker), the bound
+// no storage design could beat.
+type keepNothing struct{}
+
+func (keepNothing) StoreTelemetryBatches(_ context.Context, batches []store.TelemetryBatch) ([]store.TelemetryResult, error) {
+	out := make([]store.TelemetryResult, len(batches))
+	for i, b := range batches {
+		out[i].Inserted = len(b.Records) + len(b.Inferences)
+	}
+	return out, nil
+}
+
 // BenchmarkIngestVsBroker compares, in one run, the broker's raw QoS 1
 // delivery rate of telemetry batches with the controller's ingest rate.
 //
@@ -100,7 +114,8 @@ func benchBatches(tb testing.TB, dev string, n, size int, zstd bool) [][]byte {
 // (group commit into SQLite, synchronous=FULL), and the agent's window
 // moves only when the controller's ack comes back over the broker;
 // ingest-noraw is the same without keeping the raw compressed batches
-// (--telemetry-raw-retention 0).
+// (--telemetry-raw-retention 0); ingest-nostore the same with a store that
+// keeps nothing (keepNothing), for the bound.
 // Reports records/s and the bytes on the wire per record.
 func BenchmarkIngestVsBroker(b *testing.B) {
 	const (
@@ -109,7 +124,7 @@ func BenchmarkIngestVsBroker(b *testing.B) {
 		devices = 64
 	)
 	for _, enc := range []string{"plain", "zstd"} {
-		for _, mode := range []string{"broker", "ingest", "ingest-noraw"} {
+		for _, mode := range []string{"broker", "ingest", "ingest-noraw", "ingest-nostore"} {
 			if mode == "ingest-noraw" && enc == "plain" {
 				continue // plain batches are never kept raw
 			}
@@ -151,12 +166,16 @@ func BenchmarkIngestVsBroker(b *testing.B) {
 					if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 						b.Fatal(tok.Error())
 					}
-				case "ingest", "ingest-noraw":
+				case "ingest", "ingest-noraw", "ingest-nostore":
 					st, err := store.Open(context.Background(), filepath.Join(b.TempDir(), store.FileName))
 					if err != nil {
 						b.Fatal(err)
 					}
 					b.Cleanup(func() { st.Close() })
+					var sto Store = st
+					if mode == "ingest-nostore" {
+						sto = keepNothing{}
+					}
 					var in *Ingest
 					handler := link.HandlerFunc(func(ctx context.Context, m link.Message) error {
 						return in.Handle(ctx, m, nil)
@@ -165,7 +184,7 @@ func BenchmarkIngestVsBroker(b *testing.B) {
 					if err != nil {
 						b.Fatal(err)
 					}
-					in = New(Options{Store: st, Publisher: l, KeepRaw: mode == "ingest"})
+					in = New(Options{Store: sto, Publisher: l, KeepRaw: mode == "ingest"})
 					ing = in
 					g.Go(func() error { return l.Run(ctx) })
 					g.Go(func() error { return in.Run(ctx) })

@@ -112,6 +112,10 @@ func decodeBatch(id string, seen time.Time, raw []byte, compact bool) (d Decoded
 				return d, false, malformed(n)
 			}
 			raw = raw[n:]
+			if compact && dec.fast(v) {
+				continue
+			}
+			dec.prefix = nil // record may name rows itself
 			if err := dec.record(v); err != nil {
 				return d, false, err
 			}
@@ -142,6 +146,125 @@ type decoder struct {
 	// interner turns the model and version bytes of consecutive records
 	// into the same strings without allocating again.
 	model, version string
+	// prefix is the model and version fields of the last inference read
+	// by fast, as they were on the wire: the next record nearly always
+	// starts its body with the same bytes.
+	prefix []byte
+}
+
+// fast reads one serialized TelemetryRecord laid out as agents write
+// them (seq, then an inference body whose fields come in field order,
+// each once) into a compact row, and reports whether it could; any other
+// layout is left to record, which reads every layout proto.Unmarshal
+// reads. A record the fast path takes decodes exactly as record would:
+// FuzzDecodeBatch holds both to proto.Unmarshal.
+func (dec *decoder) fast(raw []byte) bool {
+	if len(raw) < 2 || raw[0] != 0x08 { // seq, varint
+		return false
+	}
+	seq, n := consumeVarint(raw[1:])
+	if n < 0 {
+		return false
+	}
+	raw = raw[1+n:]
+	if len(raw) < 2 || raw[0] != 0x12 { // inference, bytes
+		return false
+	}
+	body, n := consumeBytes(raw[1:])
+	if n < 0 || 1+n != len(raw) {
+		return false
+	}
+	// The model and version fields: the same bytes as the last record's,
+	// or read here.
+	var model, version []byte
+	same := len(dec.prefix) > 0 && len(body) >= len(dec.prefix) && string(body[:len(dec.prefix)]) == string(dec.prefix)
+	rest := body
+	if same {
+		rest = body[len(dec.prefix):]
+	} else {
+		if len(rest) > 0 && rest[0] == 0x0a {
+			v, n := consumeBytes(rest[1:])
+			if n < 0 {
+				return false
+			}
+			model, rest = v, rest[1+n:]
+		}
+		if len(rest) > 0 && rest[0] == 0x12 {
+			v, n := consumeBytes(rest[1:])
+			if n < 0 {
+				return false
+			}
+			version, rest = v, rest[1+n:]
+		}
+	}
+	afterNames := rest
+	var atMS int64
+	var latency uint32
+	var errText []byte
+	if len(rest) > 0 && rest[0] == 0x18 {
+		v, n := consumeVarint(rest[1:])
+		if n < 0 {
+			return false
+		}
+		atMS, rest = int64(v), rest[1+n:]
+	}
+	if len(rest) > 0 && rest[0] == 0x20 {
+		v, n := consumeVarint(rest[1:])
+		if n < 0 {
+			return false
+		}
+		latency, rest = uint32(v), rest[1+n:]
+	}
+	if len(rest) > 0 && rest[0] == 0x2a {
+		v, n := consumeBytes(rest[1:])
+		if n < 0 {
+			return false
+		}
+		errText, rest = v, rest[1+n:]
+	}
+	if len(rest) != 0 {
+		return false // another field, or one repeated: record reads it
+	}
+	if !same {
+		dec.name(model, version)
+		dec.prefix = body[:len(body)-len(afterNames)]
+	}
+	dec.sequence(seq)
+	dec.row(seq, atMS, latency, errText)
+	return true
+}
+
+// sequence notes the next record's seq.
+func (dec *decoder) sequence(seq uint64) {
+	if dec.n > 0 && seq <= dec.last {
+		dec.ascending = false
+	}
+	dec.n, dec.last = dec.n+1, seq
+}
+
+// name makes model@version the name of the next rows. Consecutive records
+// nearly always name the same model version as the one before: it is
+// compared with the last entry only. Repeated entries further back cost a
+// little memory, not a wrong count (the store keys minutes by the names,
+// not the indexes).
+func (dec *decoder) name(model, version []byte) {
+	d := dec.d
+	if k := len(d.Names); k == 0 || string(model) != d.Names[k-1].Model || string(version) != d.Names[k-1].Version {
+		d.Names = append(d.Names, store.ModelVersion{Model: string(model), Version: string(version)})
+	}
+}
+
+// row appends a compact row named by the last name.
+func (dec *decoder) row(seq uint64, atMS int64, latency uint32, errText []byte) {
+	d := dec.d
+	row := store.InferenceRow{Seq: seq, AtMS: atMS, LatencyUS: latency, Name: uint32(len(d.Names) - 1)}
+	if len(errText) > 0 {
+		if k := len(d.Errors); k == 0 || string(errText) != d.Errors[k-1] {
+			d.Errors = append(d.Errors, string(errText))
+		}
+		row.Error = uint32(len(d.Errors))
+	}
+	d.Inferences = append(d.Inferences, row)
 }
 
 func (dec *decoder) intern(last *string, b []byte) string {
@@ -192,12 +315,15 @@ func (dec *decoder) record(raw []byte) error {
 			raw = raw[n:]
 		}
 	}
-	if dec.n > 0 && seq <= dec.last {
-		dec.ascending = false
-	}
-	dec.n, dec.last = dec.n+1, seq
+	dec.sequence(seq)
 	if bodyNum == 2 && dec.compact {
-		return dec.inference(seq, body)
+		f, err := inferenceFields(body)
+		if err != nil {
+			return err
+		}
+		dec.name(f.model, f.version)
+		dec.row(seq, f.atMS, f.latency, f.errText)
+		return nil
 	}
 	dec.d.Records = append(dec.d.Records, store.TelemetryRecord{})
 	rec := &dec.d.Records[len(dec.d.Records)-1]
@@ -212,12 +338,24 @@ func (dec *decoder) record(raw []byte) error {
 		if inf := r.GetInference(); inf != nil && dec.compact {
 			// Merged bodies make an inference after all: a row.
 			dec.d.Records = dec.d.Records[:len(dec.d.Records)-1]
-			dec.row(r.GetSeq(), inf)
+			dec.d.Names = append(dec.d.Names, store.ModelVersion{Model: inf.GetModel(), Version: inf.GetVersion()})
+			dec.row(r.GetSeq(), inf.GetAtUnixMs(), inf.GetLatencyUs(), []byte(inf.GetError()))
 			return nil
 		}
 		*rec = recordFrom(id, &r, seen)
 	case 2:
-		return decodeInference(rec, body, dec)
+		f, err := inferenceFields(body)
+		if err != nil {
+			return err
+		}
+		rec.Kind, rec.LatencyUS = store.RecordInference, f.latency
+		rec.Model, rec.Version = dec.intern(&dec.model, f.model), dec.intern(&dec.version, f.version)
+		if len(f.errText) > 0 {
+			rec.Error = string(f.errText)
+		}
+		if f.atMS > 0 {
+			rec.At = time.UnixMilli(f.atMS)
+		}
 	case 3:
 		ev := new(pb.Event)
 		if err := proto.Unmarshal(body, ev); err != nil {
@@ -241,131 +379,59 @@ func (dec *decoder) record(raw []byte) error {
 	return nil
 }
 
-// inference reads an InferenceRecord into a compact row.
-func (dec *decoder) inference(seq uint64, raw []byte) error {
-	var model, version, errText []byte
-	var atMS int64
-	var latency uint32
+// inferenceRecord is a serialized InferenceRecord's fields; the byte
+// slices point into it.
+type inferenceRecord struct {
+	model, version, errText []byte
+	atMS                    int64
+	latency                 uint32
+}
+
+// inferenceFields reads a serialized InferenceRecord in any layout
+// proto.Unmarshal reads (fields in any order, repeated: the last wins,
+// unknown ones skipped).
+func inferenceFields(raw []byte) (f inferenceRecord, err error) {
 	for len(raw) > 0 {
 		num, typ, n := consumeTag(raw)
 		if n < 0 {
-			return malformed(n)
+			return f, malformed(n)
 		}
 		raw = raw[n:]
 		switch {
 		case (num == 1 || num == 2 || num == 5) && typ == protowire.BytesType:
 			v, n := consumeBytes(raw)
 			if n < 0 {
-				return malformed(n)
+				return f, malformed(n)
 			}
 			raw = raw[n:]
 			switch num {
 			case 1:
-				model = v
+				f.model = v
 			case 2:
-				version = v
+				f.version = v
 			case 5:
-				errText = v
+				f.errText = v
 			}
 		case (num == 3 || num == 4) && typ == protowire.VarintType:
 			v, n := consumeVarint(raw)
 			if n < 0 {
-				return malformed(n)
+				return f, malformed(n)
 			}
 			raw = raw[n:]
 			if num == 3 {
-				atMS = int64(v)
+				f.atMS = int64(v)
 			} else {
-				latency = uint32(v)
+				f.latency = uint32(v)
 			}
 		default:
 			n := protowire.ConsumeFieldValue(num, typ, raw)
 			if n < 0 {
-				return malformed(n)
+				return f, malformed(n)
 			}
 			raw = raw[n:]
 		}
 	}
-	d := dec.d
-	row := store.InferenceRow{Seq: seq, AtMS: atMS, LatencyUS: latency}
-	// Consecutive records nearly always name the same model version and
-	// error text as the one before: compare with the last entry only.
-	// Repeated entries further back cost a little memory, not a wrong
-	// count (the store keys minutes by the names, not the indexes).
-	if k := len(d.Names); k == 0 || string(model) != d.Names[k-1].Model || string(version) != d.Names[k-1].Version {
-		d.Names = append(d.Names, store.ModelVersion{Model: string(model), Version: string(version)})
-	}
-	row.Name = uint32(len(d.Names) - 1)
-	if len(errText) > 0 {
-		if k := len(d.Errors); k == 0 || string(errText) != d.Errors[k-1] {
-			d.Errors = append(d.Errors, string(errText))
-		}
-		row.Error = uint32(len(d.Errors))
-	}
-	d.Inferences = append(d.Inferences, row)
-	return nil
-}
-
-// row appends an inference record read the slow way as a compact row.
-func (dec *decoder) row(seq uint64, inf *pb.InferenceRecord) {
-	d := dec.d
-	row := store.InferenceRow{Seq: seq, AtMS: inf.GetAtUnixMs(), LatencyUS: inf.GetLatencyUs()}
-	d.Names = append(d.Names, store.ModelVersion{Model: inf.GetModel(), Version: inf.GetVersion()})
-	row.Name = uint32(len(d.Names) - 1)
-	if e := inf.GetError(); e != "" {
-		d.Errors = append(d.Errors, e)
-		row.Error = uint32(len(d.Errors))
-	}
-	d.Inferences = append(d.Inferences, row)
-}
-
-func decodeInference(rec *store.TelemetryRecord, raw []byte, dec *decoder) error {
-	rec.Kind = store.RecordInference
-	var atMS int64
-	for len(raw) > 0 {
-		num, typ, n := consumeTag(raw)
-		if n < 0 {
-			return malformed(n)
-		}
-		raw = raw[n:]
-		switch {
-		case (num == 1 || num == 2 || num == 5) && typ == protowire.BytesType:
-			v, n := consumeBytes(raw)
-			if n < 0 {
-				return malformed(n)
-			}
-			raw = raw[n:]
-			switch num {
-			case 1:
-				rec.Model = dec.intern(&dec.model, v)
-			case 2:
-				rec.Version = dec.intern(&dec.version, v)
-			case 5:
-				rec.Error = string(v)
-			}
-		case (num == 3 || num == 4) && typ == protowire.VarintType:
-			v, n := consumeVarint(raw)
-			if n < 0 {
-				return malformed(n)
-			}
-			raw = raw[n:]
-			if num == 3 {
-				atMS = int64(v)
-			} else {
-				rec.LatencyUS = uint32(v)
-			}
-		default:
-			n := protowire.ConsumeFieldValue(num, typ, raw)
-			if n < 0 {
-				return malformed(n)
-			}
-			raw = raw[n:]
-		}
-	}
-	if atMS > 0 {
-		rec.At = time.UnixMilli(atMS)
-	}
-	return nil
+	return f, nil
 }
 
 // zstdDecoder decompresses batches under wire.MaxDecompressed, like

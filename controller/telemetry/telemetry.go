@@ -18,14 +18,17 @@
 // Acks are delayed a little, as TCP delays its acks: an ack covering a
 // single batch waits for the next group commit when a later batch of the
 // same device is already queued, so one ack covers both. An ack costs a
-// broker round trip as dear as the batch's own (it is most of what ingest
-// adds to raw delivery, BENCHMARKS.md), and the delay is bounded by one
-// commit: the queued batch is in the next group.
+// trip through the broker (a large part of what ingest adds to raw
+// delivery, BENCHMARKS.md), and the delay is bounded by one commit: the
+// queued batch is in the next group. Acks go out with QoS 0, as TCP's
+// acks are not acked either: the agent resends whatever stays
+// unacknowledged (after its ack timeout, and on every reconnect), and the
+// store ignores the resent records as duplicates and acks them again.
 package telemetry
 
 import (
+	"cmp"
 	"context"
-	"errors"
 	"fmt"
 	"hash/maphash"
 	"log/slog"
@@ -57,9 +60,13 @@ type Store interface {
 
 // Publisher publishes the acks.
 type Publisher interface {
-	// PublishAsync publishes with QoS 1 and reports the outcome to done
-	// later; it must not wait for the broker.
-	PublishAsync(topic string, payload []byte, retained bool, done func(error))
+	// PublishAtMostOnce publishes with QoS 0, without waiting for the
+	// broker. An ack needs no more: one that is lost costs its agent a
+	// resend after its ack timeout (or on reconnect), which the store
+	// ignores as duplicates and acks again; and a QoS 1 ack cost two more
+	// packets and the tracking of each on both sides, some 10% of the
+	// CPU of ingest (BENCHMARKS.md).
+	PublishAtMostOnce(topic string, payload []byte) error
 }
 
 // Options configure an Ingest.
@@ -475,10 +482,10 @@ func (in *Ingest) commit(ctx context.Context, group []Submission) {
 		o.batches++
 		o.grouped = true
 		for _, r := range s.Records {
-			o.seqs = append(o.seqs, r.Seq)
+			o.seqs.add(r.Seq)
 		}
 		for _, r := range s.Inferences {
-			o.seqs = append(o.seqs, r.Seq)
+			o.seqs.add(r.Seq)
 		}
 	}
 	in.mu.Unlock()
@@ -505,7 +512,7 @@ type stream struct{ id, epoch string }
 
 // owedAck is an ack not yet published: the stored seqs of a stream.
 type owedAck struct {
-	seqs    []uint64
+	seqs    seqSet
 	batches int
 	// grouped is set when the last commit stored a batch of the stream.
 	grouped bool
@@ -516,7 +523,7 @@ type owedAck struct {
 func (in *Ingest) flushAcks(hold func(stream, *owedAck) bool) {
 	type due struct {
 		k    stream
-		seqs []uint64
+		seqs seqSet
 	}
 	var out []due
 	in.mu.Lock()
@@ -540,20 +547,17 @@ func (in *Ingest) flushAcks(hold func(stream, *owedAck) bool) {
 // batches' records, new and duplicate alike (a duplicate is stored, just
 // not now). An empty batch is acked with no ranges, so the agent still
 // learns the controller listens.
-func (in *Ingest) ack(id, epoch string, seqs []uint64, now time.Time) error {
-	payload, err := wire.Seal(id, now, &pb.TelemetryAck{SpoolEpoch: epoch, Stored: Ranges(seqs)})
+func (in *Ingest) ack(id, epoch string, seqs seqSet, now time.Time) error {
+	payload, err := wire.Seal(id, now, &pb.TelemetryAck{SpoolEpoch: epoch, Stored: seqs.ranges()})
 	if err != nil {
 		return fmt.Errorf("seal ack: %w", err)
 	}
-	log := in.opts.Logger
 	in.acks.Inc()
-	in.opts.Publisher.PublishAsync(wire.Topic(id, wire.KindAck), payload, false, func(err error) {
-		if err != nil && !errors.Is(err, context.Canceled) {
-			// The records are stored; the agent resends them, they are
-			// ignored as duplicates and acked again.
-			log.Warn("telemetry ack not delivered", "device", id, "epoch", epoch, "err", err)
-		}
-	})
+	if err := in.opts.Publisher.PublishAtMostOnce(wire.Topic(id, wire.KindAck), payload); err != nil {
+		// The records are stored; the agent resends them, they are
+		// ignored as duplicates and acked again.
+		in.opts.Logger.Warn("telemetry ack not sent", "device", id, "epoch", epoch, "err", err)
+	}
 	return nil
 }
 
@@ -588,20 +592,44 @@ func recordFrom(id string, r *pb.TelemetryRecord, seen time.Time) store.Telemetr
 // Ranges sorts seqs, drops repeats, and coalesces consecutive numbers into
 // inclusive ranges: 1,2,3,5,7,8 -> [1-3] [5-5] [7-8].
 func Ranges(seqs []uint64) []*pb.SeqRange {
-	if len(seqs) == 0 {
+	var s seqSet
+	for _, v := range seqs {
+		s.add(v)
+	}
+	return s.ranges()
+}
+
+// seqSet collects seqs as inclusive ranges, extending the last one while
+// they follow on: an agent's batch of consecutive seqs is one range, not
+// a number per record.
+type seqSet []seqSpan
+
+type seqSpan struct{ first, last uint64 }
+
+func (s *seqSet) add(v uint64) {
+	if n := len(*s); n > 0 && (*s)[n-1].last != ^uint64(0) && (*s)[n-1].last+1 == v {
+		(*s)[n-1].last = v
+		return
+	}
+	*s = append(*s, seqSpan{v, v})
+}
+
+// ranges returns the set as sorted, disjoint ranges, coalescing those
+// that overlap or touch.
+func (s seqSet) ranges() []*pb.SeqRange {
+	if len(s) == 0 {
 		return nil
 	}
-	s := slices.Clone(seqs)
-	slices.Sort(s)
-	s = slices.Compact(s)
-	out := []*pb.SeqRange{{First: s[0], Last: s[0]}}
-	for _, v := range s[1:] {
+	sorted := slices.Clone(s)
+	slices.SortFunc(sorted, func(a, b seqSpan) int { return cmp.Compare(a.first, b.first) })
+	out := []*pb.SeqRange{{First: sorted[0].first, Last: sorted[0].last}}
+	for _, r := range sorted[1:] {
 		last := out[len(out)-1]
-		if v == last.Last+1 {
-			last.Last = v
+		if last.Last == ^uint64(0) || r.first <= last.Last+1 {
+			last.Last = max(last.Last, r.last)
 			continue
 		}
-		out = append(out, &pb.SeqRange{First: v, Last: v})
+		out = append(out, &pb.SeqRange{First: r.first, Last: r.last})
 	}
 	return out
 }

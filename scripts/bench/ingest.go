@@ -29,7 +29,7 @@ import (
 // what does not fit.
 const (
 	ingestPublishers = 50
-	ingestBatches    = 120 // per publisher
+	ingestBatches    = 240 // per publisher: phases of seconds, not a burst
 	ingestRecords    = 256 // per batch
 	ingestWindow     = 4
 	// ingestMaxPhase caps one phase: a slow controller is measured over
@@ -48,8 +48,12 @@ type ingestResult struct {
 	Broker, Encoding string
 	Messages         int       // batches per phase
 	PayloadBytes     int       // of one batch, sealed
-	Raw              []float64 // records/s
-	Ingest           []float64 // records/s
+	// Raw is the mean of RawBefore and RawAfter: the raw phases run just
+	// before and just after the ingest phase, so a change in the machine's
+	// other load during a run weighs on both sides alike.
+	Raw                 []float64 // records/s
+	RawBefore, RawAfter []float64 // records/s
+	Ingest              []float64 // records/s
 	// Capped counts the runs whose ingest phase hit ingestMaxPhase (their
 	// rate is over what was acknowledged by then).
 	Capped int
@@ -62,21 +66,23 @@ func (e *env) benchIngest(ctx context.Context, kind, encoding string) (ingestRes
 		if err != nil {
 			return res, err
 		}
-		res.Raw = append(res.Raw, m.raw)
+		res.Raw = append(res.Raw, (m.rawBefore+m.rawAfter)/2)
+		res.RawBefore, res.RawAfter = append(res.RawBefore, m.rawBefore), append(res.RawAfter, m.rawAfter)
 		res.Ingest = append(res.Ingest, m.ingest)
 		res.PayloadBytes = m.size
 		if m.capped {
 			res.Capped++
 		}
-		e.log.Info("ingest", "broker", kind, "encoding", encoding, "run", run+1, "raw_records_per_s", int(m.raw),
-			"ingest_records_per_s", int(m.ingest), "ratio", fmt.Sprintf("%.2f", m.ingest/m.raw), "capped", m.capped)
+		raw := (m.rawBefore + m.rawAfter) / 2
+		e.log.Info("ingest", "broker", kind, "encoding", encoding, "run", run+1, "raw_before_records_per_s", int(m.rawBefore),
+			"ingest_records_per_s", int(m.ingest), "raw_after_records_per_s", int(m.rawAfter), "ratio", fmt.Sprintf("%.2f", m.ingest/raw), "capped", m.capped)
 	}
 	return res, nil
 }
 
 // ingestMeasure is one run's two rates, in records per second.
 type ingestMeasure struct {
-	raw, ingest float64
+	rawBefore, ingest, rawAfter float64
 	size        int
 	capped      bool
 }
@@ -110,7 +116,7 @@ func (e *env) ingestRun(ctx context.Context, kind, encoding string, profiled boo
 		}
 	}
 	m.size = len(payloads[0][0])
-	if m.raw, err = rawDelivery(ctx, c.broker, payloads); err != nil {
+	if m.rawBefore, err = rawDelivery(ctx, c.broker, payloads); err != nil {
 		return m, fmt.Errorf("raw delivery: %w", err)
 	}
 	if profiled {
@@ -124,6 +130,9 @@ func (e *env) ingestRun(ctx context.Context, kind, encoding string, profiled boo
 	}
 	if err != nil {
 		return m, fmt.Errorf("controller ingest: %w", err)
+	}
+	if m.rawAfter, err = rawDelivery(ctx, c.broker, payloads); err != nil {
+		return m, fmt.Errorf("raw delivery after ingest: %w", err)
 	}
 	return m, nil
 }

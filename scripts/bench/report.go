@@ -461,8 +461,9 @@ func (r *results) markdown() string {
 			"each device keeping at most %d batches unanswered, as the agent's telemetry sender does. Raw: a batch is answered when one "+
 			"subscriber on the same broker, which does nothing else, has received it. Ingest: when the `fleet-controller` process has "+
 			"decoded it, stored it (SQLite, exactly once by device, spool epoch and sequence) and its ack has reached the device; the "+
-			"controller's `edgefleet_controller_telemetry_batches_total` must agree. Both phases run in the same run, on the same broker, "+
-			"one after the other; an ingest phase is cut at %s and its rate taken over what was acknowledged by then.\n\n",
+			"controller's `edgefleet_controller_telemetry_batches_total` must agree. Each run is three phases on the same broker, one after "+
+			"the other: raw, ingest, raw again; its raw rate is the mean of the two raw phases, so load from elsewhere that comes or goes "+
+			"during a run weighs on both sides alike. An ingest phase is cut at %s and its rate taken over what was acknowledged by then.\n\n",
 			ingestPublishers, ingestBatches, ingestRecords, ingestWindow, ingestMaxPhase)
 		w("| broker | batches | batch on the wire | raw delivery | controller ingest | ingest / raw (per run) |\n|---|---|---|---|---|---|\n")
 		for _, in := range r.Ingest {
