@@ -127,7 +127,9 @@ type InlineSubscriber interface {
 	// SubscribeInline calls deliver for every message published on
 	// filter from now on, and first for the retained ones (retained set),
 	// on the publisher's goroutine; deliver may block, which holds the
-	// publisher back. payload must not be kept after deliver returns.
+	// publisher back. payload is the broker's own copy of the message,
+	// which nothing changes afterwards (mochi reads each packet into bytes
+	// of its own): deliver may keep it.
 	SubscribeInline(filter string, deliver func(topic string, payload []byte, retained bool)) error
 }
 
@@ -373,18 +375,14 @@ func (l *Link) subscribe(c paho.Client) bool {
 
 // onMessage runs on paho's delivery goroutine: it only queues.
 func (l *Link) onMessage(_ paho.Client, m paho.Message) {
-	// paho reads each message into a payload of its own: kept as it is.
-	l.queueInbound(inbound{topic: m.Topic(), payload: m.Payload(), retained: m.Retained(), at: l.opts.Now()})
+	l.deliver(m.Topic(), m.Payload(), m.Retained())
 }
 
-// deliver queues a copy of a message for the worker (the embedded broker
-// reuses payload once deliver returns); it waits while the queue is full,
-// until the link stops.
+// deliver queues a message for the worker; it waits while the queue is
+// full, until the link stops. payload is kept as it is, not copied: paho
+// and the embedded broker both read each message into bytes of its own.
 func (l *Link) deliver(topic string, payload []byte, retained bool) {
-	l.queueInbound(inbound{topic: topic, payload: append([]byte(nil), payload...), retained: retained, at: l.opts.Now()})
-}
-
-func (l *Link) queueInbound(in inbound) {
+	in := inbound{topic: topic, payload: payload, retained: retained, at: l.opts.Now()}
 	select {
 	case l.queue <- in:
 	case <-l.stopping:

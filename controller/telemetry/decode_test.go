@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/edgefleet/edgefleet/controller/store"
@@ -154,4 +155,84 @@ func FuzzDecodeBatch(f *testing.F) {
 		}
 		sameRecords(t, got.All(seen), want.Records)
 	})
+}
+
+// TestDecodeLayouts feeds DecodeBatch records laid out in every way the
+// fast path must either read exactly or leave to the general reader, and
+// holds the result to proto.Unmarshal's.
+func TestDecodeLayouts(t *testing.T) {
+	str := func(b []byte, num protowire.Number, v string) []byte {
+		b = protowire.AppendTag(b, num, protowire.BytesType)
+		return protowire.AppendString(b, v)
+	}
+	num := func(b []byte, n protowire.Number, v uint64) []byte {
+		b = protowire.AppendTag(b, n, protowire.VarintType)
+		return protowire.AppendVarint(b, v)
+	}
+	ordered := func(model, version string, at, latency uint64, errText string) []byte {
+		var b []byte
+		if model != "" {
+			b = str(b, 1, model)
+		}
+		if version != "" {
+			b = str(b, 2, version)
+		}
+		if at != 0 {
+			b = num(b, 3, at)
+		}
+		if latency != 0 {
+			b = num(b, 4, latency)
+		}
+		if errText != "" {
+			b = str(b, 5, errText)
+		}
+		return b
+	}
+	record := func(seq uint64, body []byte) []byte {
+		b := num(nil, 1, seq)
+		b = protowire.AppendTag(b, 2, protowire.BytesType)
+		return protowire.AppendBytes(b, body)
+	}
+	batch := func(recs ...[]byte) []byte {
+		b := str(nil, 1, "epoch")
+		for _, r := range recs {
+			b = protowire.AppendTag(b, 2, protowire.BytesType)
+			b = protowire.AppendBytes(b, r)
+		}
+		return b
+	}
+	const at = 1_790_000_000_000
+	a := ordered("grid-anomaly", "1.4.2", at, 150, "")
+	for _, c := range []struct {
+		name string
+		raw  []byte
+	}{
+		{"agent layout", batch(record(1, a), record(2, ordered("grid-anomaly", "1.4.2", at+1, 151, "timed out")), record(3, a))},
+		{"version changes", batch(record(1, a), record(2, ordered("grid-anomaly", "1.5.0", at, 90, "")), record(3, a))},
+		{"the last byte of the version changes", batch(record(1, a), record(2, ordered("grid-anomaly", "1.4.3", at, 90, "")), record(3, a))},
+		{"a longer version after a match", batch(record(1, ordered("m", "1", at, 1, "")), record(2, ordered("m", "10", at, 1, "")))},
+		{"no names", batch(record(1, ordered("", "", at, 5, "")), record(2, ordered("", "", 0, 0, "")), record(3, a))},
+		{"model only", batch(record(1, ordered("m", "", at, 5, "")), record(2, ordered("m", "2", at, 5, "")))},
+		{"fields reversed", batch(record(1, a), record(2, num(num(str(str(nil, 2, "1.4.2"), 1, "grid-anomaly"), 4, 7), 3, at)), record(3, a))},
+		{"a name repeated", batch(record(1, a), record(2, str(a, 1, "other")), record(3, a))},
+		{"latency repeated", batch(record(1, num(a, 4, 999)), record(2, a))},
+		{"an unknown field", batch(record(1, num(a, 9, 1)), record(2, a))},
+		{"seq after body", batch(append(protowire.AppendBytes(protowire.AppendTag(nil, 2, protowire.BytesType), a), num(nil, 1, 7)...), record(8, a))},
+		{"seqs descend", batch(record(5, a), record(4, a), record(6, a))},
+		{"negative time", batch(record(1, num(str(str(nil, 1, "m"), 2, "1"), 3, uint64(1<<64-1000))), record(2, a))},
+		{"huge latency", batch(record(1, ordered("m", "1", at, 1<<40, "")), record(2, a))},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			seen := time.UnixMilli(at)
+			want, err := slowDecode("d", seen, c.raw)
+			if err != nil {
+				t.Fatalf("proto.Unmarshal refuses the case: %v", err)
+			}
+			got, err := DecodeBatch("d", seen, c.raw)
+			if err != nil {
+				t.Fatalf("DecodeBatch: %v", err)
+			}
+			sameRecords(t, got.All(seen), want.Records)
+		})
+	}
 }
