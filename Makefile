@@ -11,9 +11,11 @@ MODELS   := models/examples/build
 
 all: build models
 
-## build: static binaries of fleet-controller, fleet-agent and fleet in bin/
+## build: static binaries of fleet-controller, fleet-agent and fleet in bin/; fleet-agent with the
+## flags of scripts/internal/agentbuild (the one place they live: bench and e2e use it too)
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./controller/cmd/fleet-controller ./agent/cmd/fleet-agent ./fleet/cmd/fleet
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./controller/cmd/fleet-controller ./fleet/cmd/fleet
+	$(GO) run ./scripts/agentbuild -o $(BIN)/fleet-agent -X github.com/edgefleet/edgefleet/agent.Version=$(VERSION)
 
 ## models: the example model bundles, built from source, in models/examples/build
 models:

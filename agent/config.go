@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"errors"
 	"flag"
 	"fmt"
@@ -19,13 +18,13 @@ import (
 	"github.com/edgefleet/edgefleet/agent/spool"
 	"github.com/edgefleet/edgefleet/agent/telemetry"
 	"github.com/edgefleet/edgefleet/proto/wire"
-	"gopkg.in/yaml.v3"
 )
 
 // Config is the agent's configuration as a user writes it: a YAML file,
 // EDGEFLEET_* environment variables and flags, in rising precedence.
 //
-// The YAML keys are the yaml tags below; an unknown key is an error.
+// The YAML keys are the yaml tags below (read by configfile.go, not by a
+// YAML library); an unknown key is an error.
 type Config struct {
 	// ID is the device id; default: the host name, made valid.
 	ID string `yaml:"id"`
@@ -248,8 +247,9 @@ func parseLevel(s string) (slog.Level, error) {
 	return slog.LevelInfo, fmt.Errorf("%q is not a level; use debug, info, warn or error", s)
 }
 
-// ParseConfigFile decodes a YAML config file's content over base. Unknown
-// keys are errors that name the key.
+// ParseConfigFile decodes a YAML config file's content over base (the
+// subset of YAML configfile.go reads). Unknown keys are errors that name
+// the key and the line.
 func ParseConfigFile(data []byte, base Config) (Config, error) {
 	if len(data) > maxConfigFile {
 		return base, fmt.Errorf("%d bytes, over the %d byte cap", len(data), maxConfigFile)
@@ -257,10 +257,8 @@ func ParseConfigFile(data []byte, base Config) (Config, error) {
 	cfg := base
 	fileLabels := map[string]string{}
 	cfg.Labels = nil
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
-		return base, fmt.Errorf("%s (known keys: %s)", strings.ReplaceAll(err.Error(), "\n", " "), strings.Join(configKeys(), ", "))
+	if err := decodeConfigFile(data, &cfg); err != nil {
+		return base, fmt.Errorf("%w (known keys: %s)", err, strings.Join(configKeys(), ", "))
 	}
 	for k, v := range base.Labels {
 		fileLabels[k] = v

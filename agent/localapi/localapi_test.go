@@ -44,7 +44,7 @@ func (o oneModel) Manifest(name string) (*bundle.Manifest, bool) {
 
 func (o oneModel) Ready() bool { return o.m != nil }
 
-func loadModel(t *testing.T) *host.Model {
+func loadModel(t testing.TB) *host.Model {
 	t.Helper()
 	h := modeltest.NewHost(t, host.Options{PoolSize: 2})
 	m, err := h.Load(t.Context(), modeltest.ExampleBundle(t, "grid-anomaly", "1.0.0"))

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -19,6 +18,7 @@ import (
 	"github.com/edgefleet/edgefleet/agent"
 	"github.com/edgefleet/edgefleet/fleet/client"
 	"github.com/edgefleet/edgefleet/models/bundle"
+	"github.com/edgefleet/edgefleet/scripts/internal/agentbuild"
 	"github.com/edgefleet/edgefleet/scripts/internal/proc"
 )
 
@@ -265,16 +265,15 @@ func isStatic(path string) (bool, error) {
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }
 
-// agentSizeByModule builds fleet-agent with its symbol table and sums
-// the sizes of the symbols that take room in the file (not the zeroed
-// data, which takes none) by module, the largest first. Symbols are most
+// agentSizeByModule builds fleet-agent as shipped but with its symbol
+// table (agentbuild.Options.Symbols), and sums the sizes of the symbols
+// that take room in the file (not the zeroed data, which takes none) by
+// module, the largest first. Symbols are most
 // of the stripped file; the rest is the runtime's tables, which shrink
 // with the code.
 func (e *env) agentSizeByModule(ctx context.Context) []string {
 	out := filepath.Join(e.work, "fleet-agent.symbols")
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", out, "./agent/cmd/fleet-agent")
-	cmd.Dir = e.cfg.root
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	cmd := agentbuild.Command(ctx, e.cfg.root, out, agentbuild.Options{Symbols: true})
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return []string{fmt.Sprintf("(go build: %v: %s)", err, b)}
 	}

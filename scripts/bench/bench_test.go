@@ -199,13 +199,13 @@ func TestEvaluate(t *testing.T) {
 	check("wave decision latency, worst wave", true, "< 50 ms", "")
 	check("controller peak memory", false, "1100.0 MiB", "over by 76")
 	check("controller ingest / raw QoS 1 delivery", true, "0.85×", "")
-	check("agent: stripped static binary", true, "12.0 MiB (static: true)", "")
+	check("agent: stripped static binary", true, "12,582,912 bytes (12.58 MB, 12.00 MiB) (static: true)", "")
 	check("agent: idle resident memory, one compiled model", false, "25.0 MiB", "over by 5 MiB (25%)")
 	if !r.controllerMissed() {
 		t.Error("controllerMissed = false with the rollout over 60 s")
 	}
 	md := r.markdown()
-	for _, want := range []string{"### Targets", "**missed**: over by 10s (17%)", "| embedded | 10000 | 70.0 s (3 of 4 runs finished) |", "| embedded | 10000 | run 4: 5.0.0 | 10.0 s | aborted (0 of 10000 devices on 5.0.0 when the bench stopped waiting) |", "0.85×", "12.0 MiB, static: true"} {
+	for _, want := range []string{"### Targets", "**missed**: over by 10s (17%)", "| embedded | 10000 | 70.0 s (3 of 4 runs finished) |", "| embedded | 10000 | run 4: 5.0.0 | 10.0 s | aborted (0 of 10000 devices on 5.0.0 when the bench stopped waiting) |", "0.85×", "12,582,912 bytes (12.58 MB, 12.00 MiB), static: true"} {
 		if !strings.Contains(md, want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md)
 		}

@@ -26,6 +26,7 @@ import (
 	"github.com/edgefleet/edgefleet/models/bundle"
 	"github.com/edgefleet/edgefleet/models/compiler"
 	"github.com/edgefleet/edgefleet/proto/trust"
+	"github.com/edgefleet/edgefleet/scripts/internal/agentbuild"
 	"github.com/edgefleet/edgefleet/scripts/internal/proc"
 )
 
@@ -51,15 +52,25 @@ type env struct {
 const benchModel = "fraud-score"
 
 // build compiles the three programs as `make build` does: static,
-// stripped, trimmed.
+// stripped, trimmed, and fleet-agent with the agent's own flags
+// (scripts/internal/agentbuild), so the agent measured is the one shipped.
 func (e *env) build(ctx context.Context) error {
 	e.bin = filepath.Join(e.work, "bin")
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", "-s -w", "-o", e.bin+"/",
-		"./controller/cmd/fleet-controller", "./agent/cmd/fleet-agent", "./fleet/cmd/fleet")
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", "-s -w", "-o", e.bin+"/", "./fleet/cmd/fleet")
 	cmd.Dir = e.cfg.root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("go build: %w\n%s", err, out)
+	}
+	cmd = exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", "-s -w", "-tags", e.cfg.controllerTags, "-o", e.bin+"/", "./controller/cmd/fleet-controller")
+	cmd.Dir = e.cfg.root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build fleet-controller (-tags %q): %w\n%s", e.cfg.controllerTags, err, out)
+	}
+	cmd = agentbuild.Command(ctx, e.cfg.root, filepath.Join(e.bin, "fleet-agent"), agentbuild.Options{})
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build fleet-agent: %w\n%s", err, out)
 	}
 	return nil
 }

@@ -46,8 +46,8 @@ var ingestEncodings = []string{"plain", "zstd"}
 // stored and acknowledged), with the same publishers and payloads.
 type ingestResult struct {
 	Broker, Encoding string
-	Messages         int       // batches per phase
-	PayloadBytes     int       // of one batch, sealed
+	Messages         int // batches per phase
+	PayloadBytes     int // of one batch, sealed
 	// Raw is the mean of RawBefore and RawAfter: the raw phases run just
 	// before and just after the ingest phase, so a change in the machine's
 	// other load during a run weighs on both sides alike.
@@ -83,8 +83,8 @@ func (e *env) benchIngest(ctx context.Context, kind, encoding string) (ingestRes
 // ingestMeasure is one run's two rates, in records per second.
 type ingestMeasure struct {
 	rawBefore, ingest, rawAfter float64
-	size        int
-	capped      bool
+	size                        int
+	capped                      bool
 }
 
 // ingestRun measures both rates on a fresh broker and controller. With

@@ -75,6 +75,9 @@ type config struct {
 	resultsFile string
 	// rolloutTimeout bounds each rollout of the rollout benchmark.
 	rolloutTimeout time.Duration
+	// controllerTags are build tags of the fleet-controller measured: a
+	// measuring instrument (benchnostore), never for the tables.
+	controllerTags string
 	root           string
 }
 
@@ -104,6 +107,7 @@ func doMain(args []string, stdout, stderr io.Writer) int {
 	fs.DurationVar(&c.rolloutTimeout, "rollout-timeout", 3*time.Minute, "how long one rollout may take before the session stops and reports how far it got")
 	fs.StringVar(&c.resultsFile, "results", filepath.Join(os.TempDir(), "edgefleet-bench-results.json"),
 		"JSON `file` of the measurements: read first, so that the parts this run skips (-only) keep their last figures (with their dates) in the report, and written at the end; \"\" for neither")
+	fs.StringVar(&c.controllerTags, "controller-tags", "", "build `tags` of fleet-controller, for measuring only: benchnostore builds one that acks telemetry without storing it (the bound no store could beat); needs -out other than BENCHMARKS.md, and keeps no -results")
 	fs.BoolVar(&c.assign, "assign", false, "also measure the assignment path: one more version assigned to the whole fleet at once")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -156,6 +160,13 @@ func doMain(args []string, stdout, stderr io.Writer) int {
 	}
 	if !filepath.IsAbs(c.out) {
 		c.out = filepath.Join(c.root, c.out)
+	}
+	if c.controllerTags != "" {
+		if c.out == filepath.Join(c.root, "BENCHMARKS.md") {
+			fmt.Fprintln(stderr, "bench: -controller-tags builds a controller that is not the one shipped; give -out another file")
+			return 2
+		}
+		c.resultsFile = ""
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

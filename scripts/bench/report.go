@@ -10,8 +10,11 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
+
+	"github.com/edgefleet/edgefleet/scripts/internal/agentbuild"
 )
 
 // results is everything one bench run measured.
@@ -143,7 +146,7 @@ const (
 	targetRollout     = 60 * time.Second
 	targetDecision    = time.Second
 	targetCtlMemory   = 1 << 30
-	targetBinary      = 15 << 20
+	targetBinary      = 15_000_000 // the issue's "15 MB" in decimal megabytes, the stricter reading
 	targetIdleRSS     = 20 << 20
 	targetIngestRatio = 0.8
 )
@@ -186,8 +189,8 @@ func (r *results) evaluate() {
 			ratio >= targetIngestRatio, under(ratio, targetIngestRatio, "×"), true)
 	}
 	if a := r.Agent; a != nil {
-		add("agent: stripped static binary", "≤ 15 MiB", fmt.Sprintf("%s (static: %v)", mibStr(a.BinaryBytes), a.Static),
-			a.BinaryBytes <= targetBinary && a.Static, over(mib(a.BinaryBytes), mib(targetBinary), " MiB"), false)
+		add("agent: stripped static binary", "≤ 15 MB (15,000,000 bytes)", fmt.Sprintf("%s (static: %v)", binarySize(a.BinaryBytes), a.Static),
+			a.BinaryBytes <= targetBinary && a.Static, over(float64(a.BinaryBytes)/1e6, float64(targetBinary)/1e6, " MB"), false)
 		if len(a.Idle) > 0 {
 			rss := median(a.Idle[0].RSS)
 			add("agent: idle resident memory, one compiled model ("+a.Idle[0].Model+")", "≤ 20 MiB", mibStr(rss), rss <= targetIdleRSS,
@@ -303,6 +306,21 @@ func rate(v float64) string {
 }
 
 func mibStr(n int64) string { return fmt.Sprintf("%.1f MiB", mib(n)) }
+
+// binarySize is a file size in bytes, decimal megabytes and MiB, since
+// "MB" is read both ways.
+func binarySize(n int64) string {
+	return fmt.Sprintf("%s bytes (%.2f MB, %.2f MiB)", thousands(n), float64(n)/1e6, mib(n))
+}
+
+// thousands writes n with commas between groups of three digits.
+func thousands(n int64) string {
+	s := strconv.FormatInt(n, 10)
+	for i := len(s) - 3; i > 0 && s[i-1] != '-'; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
+}
 
 // Markers delimit the section this program owns in BENCHMARKS.md.
 const (
@@ -488,7 +506,8 @@ func (r *results) markdown() string {
 		}
 		w("| what | measured |\n|---|---|\n")
 		if a := r.Agent; a != nil {
-			w("| `fleet-agent` binary (CGO_ENABLED=0, -trimpath, -ldflags '-s -w') | %s, static: %v |\n", mibStr(a.BinaryBytes), a.Static)
+			w("| `fleet-agent` binary, built as `make build` builds it (scripts/internal/agentbuild: CGO_ENABLED=0, -trimpath, %s, -ldflags '%s') | %s, static: %v |\n",
+				"-tags="+strings.Join(agentbuild.Tags, ","), agentbuild.Strip, binarySize(a.BinaryBytes), a.Static)
 			for _, im := range a.Idle {
 				split := ""
 				if len(im.Anon) > 0 {

@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -25,6 +24,7 @@ import (
 	"github.com/edgefleet/edgefleet/models/modeltest"
 	"github.com/edgefleet/edgefleet/proto/release"
 	"github.com/edgefleet/edgefleet/proto/trust"
+	"github.com/edgefleet/edgefleet/scripts/internal/agentbuild"
 	"github.com/edgefleet/edgefleet/scripts/internal/proc"
 )
 
@@ -69,12 +69,12 @@ func buildAgentVersions(t *testing.T) {
 	buildBinaries(t)
 	suBuildOnce.Do(func() {
 		for _, b := range []struct{ version, behavior string }{{suBase, ""}, {suGood, ""}, {suExit, "exit"}, {suNoConnect, "noconnect"}} {
-			ld := "-X github.com/edgefleet/edgefleet/agent.Version=" + b.version
+			xs := []string{"github.com/edgefleet/edgefleet/agent.Version=" + b.version}
 			if b.behavior != "" {
-				ld += " -X main.testBehavior=" + b.behavior
+				xs = append(xs, "main.testBehavior="+b.behavior)
 			}
-			cmd := exec.Command("go", "build", "-o", agentBin(b.version, b.behavior), "-ldflags", ld, "github.com/edgefleet/edgefleet/agent/cmd/fleet-agent")
-			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+			// Built as releases are (scripts/internal/agentbuild).
+			cmd := agentbuild.Command(context.Background(), "", agentBin(b.version, b.behavior), agentbuild.Options{X: xs})
 			if out, err := cmd.CombinedOutput(); err != nil {
 				suBuildErr = fmt.Errorf("go build agent %s %s: %v\n%s", b.version, b.behavior, err, out)
 				return
