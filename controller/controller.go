@@ -97,7 +97,11 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 				return nil, fmt.Errorf("--mqtt-tls-cert/--mqtt-tls-key/--mqtt-client-ca: %w", err)
 			}
 		}
-		c.broker, err = broker.New(broker.Options{Listen: cfg.MQTTListen, Logger: log.With("component", "broker"), Retained: desiredRetained{st}, TLS: brokerTLS})
+		// The link reads device messages in process, subscribed before
+		// devices are let in, so the broker need not retain their state
+		// and presence (broker.Options.UnretainedReports).
+		c.broker, err = broker.New(broker.Options{Listen: cfg.MQTTListen, Logger: log.With("component", "broker"), Retained: desiredRetained{st}, TLS: brokerTLS,
+			UnretainedReports: true})
 		if err != nil {
 			return nil, err
 		}
@@ -190,8 +194,15 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 	}); err != nil {
 		return nil, err
 	}
-	c.inventory = inventory.New(st, c.director, log, inventory.WithMetrics(c.metrics))
-	c.ingest = telemetry.New(telemetry.Options{Store: st, Publisher: c.link, Logger: log, Metrics: c.metrics, KeepRaw: cfg.rawRetention > 0})
+	// A device whose hello was lost is asked to resync (say hello again).
+	c.inventory = inventory.New(st, c.director, log, inventory.WithMetrics(c.metrics), inventory.WithResync(c.link, st))
+	// Telemetry acks, like desired states, go straight into the embedded
+	// broker.
+	var ackPub telemetry.Publisher = c.link
+	if c.broker != nil {
+		ackPub = c.broker
+	}
+	c.ingest = telemetry.New(telemetry.Options{Store: st, Publisher: ackPub, Logger: log, Metrics: c.metrics, KeepRaw: cfg.rawRetention > 0})
 	c.drops = telemetry.NewDrops(c.metrics)
 	c.registerMetrics()
 	c.pruner = &telemetry.Pruner{Store: st, RawRetention: cfg.rawRetention, AggRetention: cfg.retention, Logger: log.With("component", "telemetry")}
@@ -516,6 +527,9 @@ func (c *Controller) handleMessage(ctx context.Context, m link.Message) error {
 		// rollouts, once they are stored. Inference records are read by
 		// the gates.
 		m.Received = at
+		if err := c.inventory.Seen(ctx, id); err != nil {
+			return err
+		}
 		return c.ingest.Handle(ctx, m, u.Done)
 	default:
 		return fmt.Errorf("no handler for %s messages", m.Kind)

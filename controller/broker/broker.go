@@ -16,7 +16,8 @@
 // them in the controller's database. Other retained topics (state,
 // presence) are not kept: the agents publish them again when they
 // reconnect, and a restored "online" presence would be a lie about a
-// device that has not.
+// device that has not. With Options.UnretainedReports (the controller's
+// setting) they are not retained even in memory (reports.go).
 package broker
 
 import (
@@ -50,6 +51,14 @@ const MaxPacketSize = 1 << 20
 // (SubscribeInline).
 const ClientWritesPending = 256
 
+// ClientReadBuffer is each connection's read buffer. mochi's default,
+// 2 KiB, is 20 MiB at 10,000 devices, every byte of it held for the
+// whole connection. Most of what devices send is far shorter (states,
+// acks, events); a longer packet (a telemetry batch) is read past the
+// buffer, straight into the packet, so a smaller one costs no extra read
+// where it matters.
+const ClientReadBuffer = 1 << 10
+
 // Options configure the embedded broker.
 type Options struct {
 	// Listen is the TCP address to listen on, e.g. 127.0.0.1:1883. Port 0
@@ -74,6 +83,11 @@ type Options struct {
 	// CONNECT, so without one an idle connection would hold its goroutine
 	// and socket forever.
 	ConnectTimeout time.Duration
+	// UnretainedReports makes the broker keep no retained device state or
+	// presence (reports.go). Set it when every reader of those topics
+	// subscribes in process before devices are let in, as the controller
+	// does (SubscribeInline, Open).
+	UnretainedReports bool
 }
 
 // DefaultConnectTimeout is the default of Options.ConnectTimeout.
@@ -150,7 +164,8 @@ func New(opts Options) (*Broker, error) {
 		Capabilities: caps,
 		Logger:       slog.New(minLevel{h: log.Handler(), min: slog.LevelWarn}),
 		// The controller publishes desired states in-process (inline.go).
-		InlineClient: true,
+		InlineClient:            true,
+		ClientNetReadBufferSize: ClientReadBuffer,
 	})
 	if opts.TLS != nil && opts.TLS.ClientAuth != tls.RequireAndVerifyClientCert {
 		return nil, errors.New("broker: TLS without verified client certificates would let any client in; build the TLS configuration with ServerTLS")
@@ -169,6 +184,11 @@ func New(opts Options) (*Broker, error) {
 	}
 	if err := srv.AddHook(authHook, nil); err != nil {
 		return nil, fmt.Errorf("broker: add auth hook %s: %w", authHook.ID(), err)
+	}
+	if opts.UnretainedReports {
+		if err := srv.AddHook(new(reportsHook), nil); err != nil {
+			return nil, fmt.Errorf("broker: add reports hook: %w", err)
+		}
 	}
 	var retain *retainHook
 	if opts.Retained != nil {

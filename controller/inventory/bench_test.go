@@ -71,8 +71,15 @@ func BenchmarkDeviceMessages(b *testing.B) {
 		b.StopTimer()
 		b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msgs/s")
 	})
-	b.Run("group-commit", func(b *testing.B) {
-		inv := New(openStore(b), nil, nil)
+	groupCommit := func(b *testing.B, resync bool) {
+		st := openStore(b)
+		var opts []Option
+		if resync {
+			// Every device says hello first: this is the bookkeeping a
+			// complete fleet costs, and no command is sent.
+			opts = append(opts, WithResync(startBroker(b), st))
+		}
+		inv := New(st, nil, nil, opts...)
 		msgs := benchMessages(b.N, devices)
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
@@ -94,5 +101,10 @@ func BenchmarkDeviceMessages(b *testing.B) {
 		if err := <-done; err != nil {
 			b.Fatal(err)
 		}
-	})
+		if resync && inv.rs.sent.Value() != 0 {
+			b.Fatalf("%d resync commands sent to devices that said hello", inv.rs.sent.Value())
+		}
+	}
+	b.Run("group-commit", func(b *testing.B) { groupCommit(b, false) })
+	b.Run("group-commit-resync", func(b *testing.B) { groupCommit(b, true) })
 }

@@ -6,7 +6,9 @@
 // A device that says hello while reporting a desired-state generation below
 // the one stored for it missed its desired state (say, a broker without
 // persistence lost the retained message); the inventory asks for a
-// re-publish.
+// re-publish. A device that talks while the store has no hello of it (the
+// hello was lost) is sent the resync command, which makes it say hello
+// again (WithResync, resync.go).
 //
 // The controller feeds it through a group commit (Submit and Run, in
 // writer.go): the link's worker queues each message and goes on reading,
@@ -52,6 +54,7 @@ type Inventory struct {
 	director Republisher
 	log      *slog.Logger
 	w        writer
+	rs       *resyncer
 }
 
 // New returns an inventory. director may be nil (no re-publish on hello).
@@ -59,9 +62,8 @@ func New(st Store, director Republisher, log *slog.Logger, opts ...Option) *Inve
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	inv := &Inventory{store: st, director: director, log: log}
-	inv.w = newWriter(opts)
-	return inv
+	o := options(opts)
+	return &Inventory{store: st, director: director, log: log, w: newWriter(o), rs: newResyncer(o, o.metrics, log)}
 }
 
 // Hello records a device's hello and re-publishes its desired state if the
@@ -74,6 +76,7 @@ func (inv *Inventory) Hello(ctx context.Context, id string, at time.Time, h *pb.
 	if err := inv.store.UpsertHello(ctx, rec); err != nil {
 		return fmt.Errorf("hello from %s: %w", id, err)
 	}
+	inv.rs.helloStored(id)
 	inv.logHello(id, h)
 	if inv.director == nil {
 		return nil

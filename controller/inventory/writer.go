@@ -9,6 +9,7 @@ import (
 	"github.com/edgefleet/edgefleet/controller/metrics"
 	"github.com/edgefleet/edgefleet/controller/store"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
+	"golang.org/x/sync/errgroup"
 )
 
 // Defaults of the writer's queue (see WithQueue).
@@ -23,6 +24,23 @@ type Option func(*writerOptions)
 type writerOptions struct {
 	metrics         *metrics.Registry
 	queue, maxGroup int
+
+	resyncPub                   Publisher
+	resyncStore                 HelloChecker
+	resyncGrace, resyncInterval time.Duration
+	resyncRate                  int
+}
+
+// options applies opts to the defaults.
+func options(opts []Option) writerOptions {
+	o := writerOptions{queue: DefaultQueueSize, maxGroup: DefaultMaxGroup}
+	for _, fn := range opts {
+		fn(&o)
+	}
+	if o.metrics == nil {
+		o.metrics = metrics.NewRegistry()
+	}
+	return o
 }
 
 // WithMetrics puts the writer's queue depth, commit counts and commit
@@ -53,11 +71,14 @@ type Update struct {
 	Done func(error)
 }
 
-// queued is an Update as the writer stores it.
+// queued is an Update as the writer stores it, or, with check set, only a
+// device to check for its hello once what was queued before is stored
+// (Seen).
 type queued struct {
-	rec  store.DeviceUpdate
-	msg  Update
-	kind pb.EventKind
+	rec   store.DeviceUpdate
+	msg   Update
+	kind  pb.EventKind
+	check bool
 }
 
 type writer struct {
@@ -66,15 +87,8 @@ type writer struct {
 	commitLatency                    *metrics.Histogram
 }
 
-func newWriter(opts []Option) writer {
-	o := writerOptions{queue: DefaultQueueSize, maxGroup: DefaultMaxGroup}
-	for _, fn := range opts {
-		fn(&o)
-	}
+func newWriter(o writerOptions) writer {
 	m := o.metrics
-	if m == nil {
-		m = metrics.NewRegistry()
-	}
 	w := writer{
 		q:       groupcommit.New[queued](o.queue, o.maxGroup),
 		updates: m.Counter("edgefleet_controller_inventory_updates_total", "Device hellos, states, presences and events stored by the inventory's writer."),
@@ -126,21 +140,34 @@ func (inv *Inventory) Run(ctx context.Context) error {
 	// committed regardless (busy_timeout bounds the wait), since its
 	// messages left the broker's hands.
 	store := context.WithoutCancel(ctx)
-	err := inv.w.q.Run(ctx, func(g []queued) { inv.commit(store, g) })
-	// The controller stops the writer after the link: nothing new comes.
-	inv.w.q.Drain(func(g []queued) { inv.commit(store, g) })
-	return err
+	g, gctx := errgroup.WithContext(ctx)
+	// The resyncer asks devices without a stored hello for one; what it
+	// has not sent when ctx ends, the devices' next messages bring back.
+	g.Go(func() error { return inv.rs.run(gctx) })
+	g.Go(func() error {
+		err := inv.w.q.Run(ctx, func(g []queued) { inv.commit(store, g) })
+		// The controller stops the writer after the link: nothing new comes.
+		inv.w.q.Drain(func(g []queued) { inv.commit(store, g) })
+		return err
+	})
+	return g.Wait()
 }
 
 func (inv *Inventory) commit(ctx context.Context, group []queued) {
-	recs := make([]store.DeviceUpdate, len(group))
+	recs := make([]store.DeviceUpdate, 0, len(group))
 	for i := range group {
-		recs[i] = group[i].rec
+		if !group[i].check {
+			recs = append(recs, group[i].rec)
+		}
 	}
-	start := time.Now()
-	res, err := inv.store.ApplyDeviceUpdates(ctx, recs)
-	inv.w.commitLatency.Observe(time.Since(start).Seconds())
-	inv.w.groups.Inc()
+	var res []store.DeviceUpdateResult
+	var err error
+	if len(recs) > 0 {
+		start := time.Now()
+		res, err = inv.store.ApplyDeviceUpdates(ctx, recs)
+		inv.w.commitLatency.Observe(time.Since(start).Seconds())
+		inv.w.groups.Inc()
+	}
 	if err != nil {
 		inv.w.failed.Inc()
 		if len(group) > 1 {
@@ -153,6 +180,9 @@ func (inv *Inventory) commit(ctx context.Context, group []queued) {
 			return
 		}
 		for _, q := range group {
+			if q.check {
+				continue // nothing of it was to store
+			}
 			err := fmt.Errorf("device %s: %w", q.rec.ID, err)
 			inv.log.Error("store device message", "device", q.rec.ID, "err", err)
 			if q.msg.Done != nil {
@@ -162,27 +192,45 @@ func (inv *Inventory) commit(ctx context.Context, group []queued) {
 		return
 	}
 	// Stored: now, and only now, act on each message, in arrival order.
+	// Devices that talk without a stored hello are checked after the
+	// group, so a hello earlier in it counts.
+	var talked []string
+	j := 0 // index in recs and res
 	for i := range group {
 		q := &group[i]
+		if q.check {
+			talked = append(talked, q.rec.ID)
+			continue
+		}
+		r := res[j]
+		j++
 		inv.w.updates.Inc()
-		if res[i].Skipped {
+		if r.Skipped {
 			inv.w.skipped.Inc()
 		}
 		switch {
 		case q.msg.Hello != nil:
+			inv.rs.helloStored(q.rec.ID)
 			inv.logHello(q.rec.ID, q.msg.Hello)
-			if err := inv.republishIfBehind(ctx, q.rec.ID, q.msg.Hello, res[i].DesiredGeneration); err != nil {
+			if err := inv.republishIfBehind(ctx, q.rec.ID, q.msg.Hello, r.DesiredGeneration); err != nil {
 				// The hello is stored; the device is re-sent its state at
 				// its next hello, or when the broker reconnects.
 				inv.log.Error("re-publish desired state", "device", q.rec.ID, "err", err)
 			}
 		case q.msg.Presence != nil:
 			inv.log.Debug("device presence", "device", q.rec.ID, "online", *q.rec.Online)
+			if *q.rec.Online { // a last will asks nothing: nobody would answer
+				talked = append(talked, q.rec.ID)
+			}
 		case q.msg.Event != nil:
 			inv.logEvent(ctx, q.rec.Event, q.kind)
+			talked = append(talked, q.rec.ID)
+		default: // a state
+			talked = append(talked, q.rec.ID)
 		}
 		if q.msg.Done != nil {
 			q.msg.Done(nil)
 		}
 	}
+	inv.rs.notice(talked)
 }

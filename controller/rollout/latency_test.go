@@ -1,17 +1,13 @@
 package rollout_test
 
 import (
-	"context"
 	"fmt"
 	"math/rand/v2"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/edgefleet/edgefleet/controller/director"
-	"github.com/edgefleet/edgefleet/controller/inventory"
 	"github.com/edgefleet/edgefleet/controller/rollout"
 	"github.com/edgefleet/edgefleet/controller/store"
 	"github.com/edgefleet/edgefleet/controller/telemetry/summary"
@@ -48,16 +44,13 @@ func at(min, sec int) time.Time {
 	return lt0.Add(time.Duration(min)*time.Minute + time.Duration(sec)*time.Second)
 }
 
+// latencyFleet is a fleet on the fake clock, with the telemetry its
+// devices send.
 type latencyFleet struct {
-	t      *testing.T
-	st     *store.Store
-	inv    *inventory.Inventory
-	e      *rollout.Engine
-	clk    *clock
-	ids    []string
-	v1, v2 store.Model
-	seq    map[string]uint64
-	rng    *rand.Rand
+	*fleet
+	clk *clock
+	seq map[string]uint64
+	rng *rand.Rand
 }
 
 // startLatencyFleet registers n devices that installed 1.0.0 together at
@@ -67,35 +60,9 @@ type latencyFleet struct {
 // engine starts at 3:50.
 func startLatencyFleet(t *testing.T, n int) *latencyFleet {
 	t.Helper()
-	ctx := t.Context()
-	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "c.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	f := &latencyFleet{t: t, st: st, clk: &clock{t: lt0}, seq: map[string]uint64{}, rng: rand.New(rand.NewPCG(7, uint64(n)))}
-	for i, v := range []string{"1.0.0", "2.0.0"} {
-		m, _, err := st.PutModel(ctx, store.Model{Name: "m", Version: v, Digest: strings.Repeat(fmt.Sprint(i+1), 64), Size: 100, Manifest: []byte("{}")})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if i == 0 {
-			f.v1 = m
-		} else {
-			f.v2 = m
-		}
-	}
-	dir := director.New(director.Options{Store: st, Publisher: &published{}, Now: f.clk.Now})
-	f.inv = inventory.New(st, nil, nil)
-	for i := range n {
-		id := fmt.Sprintf("dev-%02d", i)
-		f.ids = append(f.ids, id)
-		if err := f.inv.Hello(ctx, id, lt0, &pb.Hello{Labels: map[string]string{"fleet": "t"}, AgentVersion: "1"}); err != nil {
-			t.Fatal(err)
-		}
-		if err := f.inv.Presence(ctx, id, lt0, &pb.Presence{Online: true}); err != nil {
-			t.Fatal(err)
-		}
+	clk := &clock{t: lt0}
+	f := &latencyFleet{fleet: newFleet(t, n, clk.Now), clk: clk, seq: map[string]uint64{}, rng: rand.New(rand.NewPCG(7, uint64(n)))}
+	for i, id := range f.ids {
 		act := at(1, 10+i)
 		f.event(id, pb.EventKind_EVENT_KIND_DOWNLOADING, f.v1, at(0, 5), 0, "")
 		f.event(id, pb.EventKind_EVENT_KIND_VERIFIED, f.v1, at(0, 40), 0, "")
@@ -106,20 +73,7 @@ func startLatencyFleet(t *testing.T, n int) *latencyFleet {
 		f.minute(id, f.v1, 3, 100, time.Millisecond, 0.2)
 	}
 	f.clk.set(at(3, 50))
-	f.e, err = rollout.New(rollout.Options{Store: st, Issuer: dir, Now: f.clk.Now, GateInterval: time.Second, MaxSleep: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	rctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- f.e.Run(rctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("engine: %v", err)
-		}
-	})
-	<-f.e.Started()
+	f.start(rollout.Options{Now: f.clk.Now, GateInterval: time.Second, MaxSleep: 20 * time.Millisecond})
 	return f
 }
 
@@ -129,9 +83,7 @@ func (f *latencyFleet) event(id string, kind pb.EventKind, m store.Model, when t
 		RolloutId: rolloutID, AtUnixMs: when.UnixMilli()}); err != nil {
 		f.t.Fatal(err)
 	}
-	if f.e != nil {
-		f.e.DeviceChanged(id)
-	}
+	f.changed(id)
 }
 
 func (f *latencyFleet) report(id string, gen uint64, active store.Model, since time.Time) {
@@ -140,9 +92,7 @@ func (f *latencyFleet) report(id string, gen uint64, active store.Model, since t
 	if err := f.inv.State(f.t.Context(), id, f.clk.Now(), &pb.ReportedState{Slots: []*pb.SlotState{s}, DesiredGeneration: gen, Health: pb.Health_HEALTH_OK}); err != nil {
 		f.t.Fatal(err)
 	}
-	if f.e != nil {
-		f.e.DeviceChanged(id)
-	}
+	f.changed(id)
 }
 
 // minute stores device id's aggregate of m for minute min after lt0: n
@@ -162,19 +112,6 @@ func (f *latencyFleet) minute(id string, m store.Model, min, n int, typical time
 	if _, err := f.st.StoreTelemetry(f.t.Context(), id, "e", start, []store.TelemetryRecord{rec}); err != nil {
 		f.t.Fatal(err)
 	}
-}
-
-func (f *latencyFleet) create(spec string) string {
-	f.t.Helper()
-	s, err := rollout.ParseSpec([]byte(spec))
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	id, err := f.e.Create(f.t.Context(), s)
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	return id
 }
 
 // wave returns the devices sent 2.0.0 and their generations, once n are.
@@ -197,29 +134,6 @@ func (f *latencyFleet) wave(n int) map[string]uint64 {
 		return len(out) == n, fmt.Sprint(len(out))
 	})
 	return out
-}
-
-func (f *latencyFleet) wait(what string, cond func() (bool, string)) {
-	f.t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	var last string
-	for time.Now().Before(deadline) {
-		var ok bool
-		if ok, last = cond(); ok {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	f.t.Fatalf("timed out waiting for %s; last: %s", what, last)
-}
-
-func (f *latencyFleet) status(id string) rollout.Status {
-	f.t.Helper()
-	s, err := f.e.Status(f.t.Context(), id)
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	return s
 }
 
 func latencyVerdict(s rollout.Status, wave int) rollout.Verdict {

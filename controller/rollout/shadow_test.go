@@ -1,101 +1,32 @@
 package rollout_test
 
 import (
-	"context"
 	"fmt"
-	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/edgefleet/edgefleet/controller/director"
-	"github.com/edgefleet/edgefleet/controller/inventory"
 	"github.com/edgefleet/edgefleet/controller/rollout"
 	"github.com/edgefleet/edgefleet/controller/store"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 	"google.golang.org/protobuf/proto"
 )
 
-// shadowFleet is a real store and director, the rollout engine, and
-// devices whose reports go through the inventory as the controller's do:
-// only the devices themselves are played by the test.
+// shadowFleet is a fleet (fleet_test.go) on the real clock, whose devices
+// report shadow phases.
 type shadowFleet struct {
-	t   *testing.T
-	st  *store.Store
-	inv *inventory.Inventory
-	e   *rollout.Engine
-	ids []string
-	v1  store.Model
-	v2  store.Model
-}
-
-// published records what the director would send to the broker.
-type published struct {
-	mu sync.Mutex
-	n  int
-}
-
-func (p *published) PublishAsync(topic string, payload []byte, retained bool, done func(error)) {
-	p.mu.Lock()
-	p.n++
-	p.mu.Unlock()
-	done(nil)
+	*fleet
 }
 
 func startShadowFleet(t *testing.T, devices int) *shadowFleet {
 	t.Helper()
-	ctx := t.Context()
-	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "c.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	f := &shadowFleet{t: t, st: st}
-	for i, v := range []string{"1.0.0", "2.0.0"} {
-		m, _, err := st.PutModel(ctx, store.Model{Name: "m", Version: v, Digest: strings.Repeat(fmt.Sprint(i+1), 64), Size: 100, Manifest: []byte("{}")})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if i == 0 {
-			f.v1 = m
-		} else {
-			f.v2 = m
-		}
-	}
-	dir := director.New(director.Options{Store: st, Publisher: &published{}})
-	f.inv = inventory.New(st, nil, nil)
-	f.e, err = rollout.New(rollout.Options{Store: st, Issuer: dir, GateInterval: 20 * time.Millisecond, MaxSleep: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range devices {
-		id := fmt.Sprintf("dev-%d", i)
-		f.ids = append(f.ids, id)
-		if err := f.inv.Hello(ctx, id, time.Now(), &pb.Hello{Labels: map[string]string{"fleet": "t"}, AgentVersion: "1"}); err != nil {
-			t.Fatal(err)
-		}
-		if err := f.inv.Presence(ctx, id, time.Now(), &pb.Presence{Online: true}); err != nil {
-			t.Fatal(err)
-		}
+	f := &shadowFleet{newFleet(t, devices, time.Now)}
+	for _, id := range f.ids {
 		f.report(id, 0, f.v1, nil, nil)
 	}
-	rctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- f.e.Run(rctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("engine: %v", err)
-		}
-	})
-	<-f.e.Started()
+	f.start(rollout.Options{GateInterval: 20 * time.Millisecond, MaxSleep: 20 * time.Millisecond})
 	return f
-}
-
-func ref(m store.Model) *pb.ModelRef {
-	return &pb.ModelRef{Name: m.Name, Version: m.Version, BundleSha256: m.Digest}
 }
 
 // report stores what device id reports, as the inventory does, and tells
@@ -106,9 +37,7 @@ func (f *shadowFleet) report(id string, gen uint64, active store.Model, pending 
 	if err := f.inv.State(f.t.Context(), id, time.Now(), &pb.ReportedState{Slots: []*pb.SlotState{s}, DesiredGeneration: gen, Health: pb.Health_HEALTH_OK}); err != nil {
 		f.t.Fatal(err)
 	}
-	if f.e != nil {
-		f.e.DeviceChanged(id)
-	}
+	f.changed(id)
 }
 
 // shadowing reports every device in shadow of 2.0.0 with compared
@@ -148,20 +77,6 @@ func (f *shadowFleet) desired(id string) desiredSlot {
 	return desiredSlot{gen: d.Generation, slot: ds.GetSlots()[0]}
 }
 
-func (f *shadowFleet) wait(what string, cond func() (bool, string)) {
-	f.t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	var last string
-	for time.Now().Before(deadline) {
-		var ok bool
-		if ok, last = cond(); ok {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	f.t.Fatalf("timed out waiting for %s; last: %s", what, last)
-}
-
 // waitDesired waits until every device is sent what ok accepts.
 func (f *shadowFleet) waitDesired(what string, ok func(desiredSlot) bool) {
 	f.t.Helper()
@@ -175,15 +90,6 @@ func (f *shadowFleet) waitDesired(what string, ok func(desiredSlot) bool) {
 	})
 }
 
-func (f *shadowFleet) status(id string) rollout.Status {
-	f.t.Helper()
-	s, err := f.e.Status(f.t.Context(), id)
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	return s
-}
-
 func (f *shadowFleet) waitPhase(id string, p rollout.Phase) rollout.Status {
 	f.t.Helper()
 	var s rollout.Status
@@ -194,18 +100,12 @@ func (f *shadowFleet) waitPhase(id string, p rollout.Phase) rollout.Status {
 	return s
 }
 
+// create starts the shadow-gated rollout of 2.0.0 with the devices'
+// deadline.
 func (f *shadowFleet) create(deadline string) string {
 	f.t.Helper()
-	spec, err := rollout.ParseSpec([]byte(`{"selector":"fleet=t","model":"m@2.0.0","strategy":{"waves":["100%"],"soak":"50ms","deadline":"` + deadline + `",
-		"gates":[{"type":"shadowAgreement","min":0.9,"minInferences":40,"tolerance":0.1}]}}`))
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	id, err := f.e.Create(f.t.Context(), spec)
-	if err != nil {
-		f.t.Fatal(err)
-	}
-	return id
+	return f.fleet.create(`{"selector":"fleet=t","model":"m@2.0.0","strategy":{"waves":["100%"],"soak":"50ms","deadline":"` + deadline + `",
+		"gates":[{"type":"shadowAgreement","min":0.9,"minInferences":40,"tolerance":0.1}]}}`)
 }
 
 func held(d desiredSlot) bool {

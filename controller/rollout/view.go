@@ -58,15 +58,11 @@ type WaveStatus struct {
 const HistoryLimit = 50
 
 // Status reads rollout id; the error wraps ErrNotFound if it is unknown.
+// What it returns was read from one snapshot of the store
+// (store.RolloutView): a wave that ended and the next one, started in the
+// same commit, are never seen one without the other.
 func (e *Engine) Status(ctx context.Context, id string) (Status, error) {
-	ro, err := e.o.Store.Rollout(ctx, id)
-	if errors.Is(err, store.ErrNotFound) {
-		return Status{}, fmt.Errorf("rollout %q: %w", id, ErrNotFound)
-	}
-	if err != nil {
-		return Status{}, err
-	}
-	return e.status(ctx, ro, true)
+	return e.status(ctx, id, HistoryLimit)
 }
 
 // List reads every rollout, newest first.
@@ -77,7 +73,7 @@ func (e *Engine) List(ctx context.Context) ([]Status, error) {
 	}
 	out := make([]Status, 0, len(ros))
 	for _, ro := range ros {
-		s, err := e.status(ctx, ro, false)
+		s, err := e.status(ctx, ro.ID, 0)
 		if err != nil {
 			return nil, err
 		}
@@ -86,7 +82,15 @@ func (e *Engine) List(ctx context.Context) ([]Status, error) {
 	return out, nil
 }
 
-func (e *Engine) status(ctx context.Context, ro store.Rollout, history bool) (Status, error) {
+func (e *Engine) status(ctx context.Context, id string, historyLimit int) (Status, error) {
+	v, err := e.o.Store.RolloutView(ctx, id, historyLimit)
+	if errors.Is(err, store.ErrNotFound) {
+		return Status{}, fmt.Errorf("rollout %q: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return Status{}, err
+	}
+	ro := v.Rollout
 	var spec Spec
 	if err := json.Unmarshal(ro.Spec, &spec); err != nil {
 		return Status{}, fmt.Errorf("rollout %s: stored specification: %w", ro.ID, err)
@@ -97,11 +101,7 @@ func (e *Engine) status(ctx context.Context, ro store.Rollout, history bool) (St
 		FailureBudget: spec.Budget(ro.Targets), Steps: map[Step]int{}, Late: map[Step]int{},
 		CreatedAt: ro.CreatedAt, UpdatedAt: ro.UpdatedAt, FinishedAt: ro.FinishedAt,
 	}
-	waves, err := e.o.Store.RolloutWaves(ctx, ro.ID)
-	if err != nil {
-		return Status{}, err
-	}
-	for _, w := range waves {
+	for _, w := range v.Waves {
 		ws := WaveStatus{
 			Index: w.Index, Size: w.Size, State: WaveState(w.State), Approved: w.Approved, Override: w.Override,
 			StartedAt: w.StartedAt, FinishedAt: w.FinishedAt, Steps: map[Step]int{},
@@ -120,11 +120,7 @@ func (e *Engine) status(ctx context.Context, ro store.Rollout, history bool) (St
 		}
 		s.Waves = append(s.Waves, ws)
 	}
-	counts, err := e.o.Store.RolloutStepCounts(ctx, ro.ID)
-	if err != nil {
-		return Status{}, err
-	}
-	for _, c := range counts {
+	for _, c := range v.Counts {
 		st, err := ParseStep(c.Step)
 		if err != nil {
 			return Status{}, fmt.Errorf("rollout %s: %w", ro.ID, err)
@@ -138,11 +134,7 @@ func (e *Engine) status(ctx context.Context, ro store.Rollout, history bool) (St
 		s.Waves[c.Wave].Steps[st] += c.N
 		s.Waves[c.Wave].Failed += c.Failed
 	}
-	if history {
-		if s.History, err = e.o.Store.RolloutHistory(ctx, ro.ID, HistoryLimit); err != nil {
-			return Status{}, err
-		}
-	}
+	s.History = v.History
 	return s, nil
 }
 

@@ -212,7 +212,11 @@ func scanRollout(row interface{ Scan(...any) error }) (Rollout, error) {
 
 // Rollout returns one rollout; the error wraps ErrNotFound if unknown.
 func (s *Store) Rollout(ctx context.Context, id string) (Rollout, error) {
-	r, err := scanRollout(s.db.QueryRowContext(ctx, `SELECT `+rolloutColumns+` FROM rollouts WHERE id = ?`, id))
+	return getRollout(ctx, s.db, id)
+}
+
+func getRollout(ctx context.Context, q queryer, id string) (Rollout, error) {
+	r, err := scanRollout(q.QueryRowContext(ctx, `SELECT `+rolloutColumns+` FROM rollouts WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return Rollout{}, fmt.Errorf("rollout %q: %w", id, ErrNotFound)
 	}
@@ -247,7 +251,11 @@ func (s *Store) Rollouts(ctx context.Context, openOnly bool) ([]Rollout, error) 
 
 // RolloutWaves returns the waves of a rollout in order.
 func (s *Store) RolloutWaves(ctx context.Context, id string) ([]RolloutWave, error) {
-	rows, err := s.db.QueryContext(ctx, `
+	return rolloutWaves(ctx, s.db, id)
+}
+
+func rolloutWaves(ctx context.Context, q queryerRows, id string) ([]RolloutWave, error) {
+	rows, err := q.QueryContext(ctx, `
 		SELECT idx, spec_idx, size, state, approved, override, started_ms, finished_ms, verdicts
 		FROM rollout_waves WHERE rollout_id = ? ORDER BY idx`, id)
 	if err != nil {
@@ -305,7 +313,11 @@ type StepCount struct {
 
 // RolloutStepCounts counts a rollout's devices by wave and step.
 func (s *Store) RolloutStepCounts(ctx context.Context, id string) ([]StepCount, error) {
-	rows, err := s.db.QueryContext(ctx, `
+	return rolloutStepCounts(ctx, s.db, id)
+}
+
+func rolloutStepCounts(ctx context.Context, q queryerRows, id string) ([]StepCount, error) {
+	rows, err := q.QueryContext(ctx, `
 		SELECT wave, step, SUM(failure != ''), COUNT(*) FROM rollout_devices WHERE rollout_id = ?
 		GROUP BY wave, step ORDER BY wave, step`, id)
 	if err != nil {
@@ -332,7 +344,11 @@ type HistoryEntry struct {
 // RolloutHistory returns the newest limit lines of a rollout's history,
 // oldest first.
 func (s *Store) RolloutHistory(ctx context.Context, id string, limit int) ([]HistoryEntry, error) {
-	rows, err := s.db.QueryContext(ctx, `
+	return rolloutHistory(ctx, s.db, id, limit)
+}
+
+func rolloutHistory(ctx context.Context, q queryerRows, id string, limit int) ([]HistoryEntry, error) {
+	rows, err := q.QueryContext(ctx, `
 		SELECT at_ms, message FROM (
 			SELECT id, at_ms, message FROM rollout_history WHERE rollout_id = ? ORDER BY id DESC LIMIT ?
 		) ORDER BY id`, id, limit)

@@ -88,20 +88,6 @@ func benchBatches(tb testing.TB, dev string, n, size int, zstd bool) [][]byte {
 	return out
 }
 
-// keepNothing is a Store that stores nothing and says every record is
-// new: with it, ingest-nostore measures what ingest costs besides the
-// store (decoding, acks and their trips through the broker), the bound
-// no storage design could beat.
-type keepNothing struct{}
-
-func (keepNothing) StoreTelemetryBatches(_ context.Context, batches []store.TelemetryBatch) ([]store.TelemetryResult, error) {
-	out := make([]store.TelemetryResult, len(batches))
-	for i, b := range batches {
-		out[i].Inserted = len(b.Records) + len(b.Inferences)
-	}
-	return out, nil
-}
-
 // BenchmarkIngestVsBroker compares, in one run, the broker's raw QoS 1
 // delivery rate of telemetry batches with the controller's ingest rate.
 //
@@ -115,7 +101,7 @@ func (keepNothing) StoreTelemetryBatches(_ context.Context, batches []store.Tele
 // moves only when the controller's ack comes back over the broker;
 // ingest-noraw is the same without keeping the raw compressed batches
 // (--telemetry-raw-retention 0); ingest-nostore the same with a store that
-// keeps nothing (keepNothing), for the bound.
+// keeps nothing (discard), for the bound.
 // Reports records/s and the bytes on the wire per record.
 func BenchmarkIngestVsBroker(b *testing.B) {
 	const (
@@ -174,7 +160,7 @@ func BenchmarkIngestVsBroker(b *testing.B) {
 					b.Cleanup(func() { st.Close() })
 					var sto Store = st
 					if mode == "ingest-nostore" {
-						sto = keepNothing{}
+						sto = discard{}
 					}
 					var in *Ingest
 					handler := link.HandlerFunc(func(ctx context.Context, m link.Message) error {

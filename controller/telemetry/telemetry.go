@@ -134,10 +134,18 @@ type Ingest struct {
 	commitLatency, ackLatency                                  *metrics.Histogram
 }
 
+// withoutStore is set only in a controller built with -tags benchnostore
+// (nostore.go), a measuring instrument that stores no telemetry.
+var withoutStore func(Store) Store
+
 // New returns an Ingest; Run must run for submissions to be stored.
 func New(opts Options) *Ingest {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if withoutStore != nil {
+		opts.Store = withoutStore(opts.Store)
+		opts.Logger.Warn("built with -tags benchnostore: telemetry is acked and NOT stored; for measuring only")
 	}
 	if opts.Metrics == nil {
 		opts.Metrics = metrics.NewRegistry()

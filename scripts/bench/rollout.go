@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"os"
 	"os/exec"
@@ -280,7 +281,7 @@ func (e *env) rollout(ctx context.Context, c *ctl, s *simFleet, n int, version s
 		return f
 	}
 	want := benchModel + "@" + version
-	st, decisions, err := c.followRollout(ctx, created.ID, e.cfg.rolloutTimeout)
+	st, decisions, err := c.followRollout(ctx, e.log, created.ID, e.cfg.rolloutTimeout)
 	f.Phase, f.Decisions = st.Phase, decisions
 	if err == nil {
 		_, err = s.wait(ctx, time.Minute, "every device to run "+want, func(st simStatus) bool { return st.Running[want] == n })
@@ -368,13 +369,14 @@ var finishedSteps = []string{"healthy", "failed", "timed-out", "skipped", "rolle
 // done, every pollSlow before that; where a wave finished within a slow
 // interval, the latency is counted from the start of that interval, so
 // slow reading can only make a decision look slower, never faster.
-func (c *ctl) followRollout(ctx context.Context, id string, timeout time.Duration) (apiRollout, []time.Duration, error) {
+func (c *ctl) followRollout(ctx context.Context, log *slog.Logger, id string, timeout time.Duration) (apiRollout, []time.Duration, error) {
 	var st apiRollout
 	var allDone, started []time.Time
 	deadline := time.Now().Add(timeout)
 	var prev time.Time // the last read's time
 	fast := false      // whether the last read was pollEvery after the one before
 	for {
+		sent := time.Now()
 		if _, err := c.call(ctx, http.MethodGet, "/v1/rollouts/"+id, nil, &st); err != nil {
 			return st, nil, err
 		}
@@ -399,6 +401,12 @@ func (c *ctl) followRollout(ctx context.Context, id string, timeout time.Duratio
 			}
 			if started[i].IsZero() && (w.Steps["notified"] > 0 || w.State != "pending" && w.State != "waiting-approval") {
 				started[i] = now
+				if i > 0 && !allDone[i-1].IsZero() {
+					// Where a decision's time goes: the read that saw the
+					// wave started took this long itself, and a slow
+					// read counts whole (see above).
+					log.Info("wave start seen", "rollout", id, "wave", i+1, "after", now.Sub(allDone[i-1]), "read", now.Sub(sent), "fast", fast)
+				}
 			}
 			// The wave under way, nearly done; or done, with the next
 			// not seen started yet: a decision is due.

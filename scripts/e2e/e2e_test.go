@@ -19,6 +19,7 @@ import (
 
 	"github.com/edgefleet/edgefleet/fleet/client"
 	"github.com/edgefleet/edgefleet/models/modeltest"
+	"github.com/edgefleet/edgefleet/scripts/internal/agentbuild"
 	"github.com/edgefleet/edgefleet/scripts/internal/proc"
 )
 
@@ -48,11 +49,15 @@ func buildBinaries(t *testing.T) {
 	}
 	cmd := exec.Command("go", "build", "-o", binDir+"/",
 		"github.com/edgefleet/edgefleet/controller/cmd/fleet-controller",
-		"github.com/edgefleet/edgefleet/agent/cmd/fleet-agent",
 		"github.com/edgefleet/edgefleet/fleet/cmd/fleet")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	// The agent as `make build` builds it (scripts/internal/agentbuild).
+	cmd = agentbuild.Command(context.Background(), "", filepath.Join(binDir, "fleet-agent"), agentbuild.Options{})
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build fleet-agent: %v\n%s", err, out)
 	}
 }
 
@@ -70,6 +75,9 @@ type fleet struct {
 	token string
 	// agentFlags, when set, adds flags to each agent's command line (TLS).
 	agentFlags func(id string) []string
+	// external: the controller uses the broker at broker (--broker), not
+	// its embedded one.
+	external bool
 }
 
 func port(t *testing.T) int {
@@ -96,7 +104,7 @@ func startController(t *testing.T, external string, extra ...string) *fleet {
 		f.broker = "tcp://" + mqttAddr
 		args = append(args, "--mqtt-listen", mqttAddr)
 	} else {
-		f.broker = external
+		f.broker, f.external = external, true
 		args = append(args, "--broker", external)
 	}
 	args = append(args, extra...)

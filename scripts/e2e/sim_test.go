@@ -38,16 +38,19 @@ func compiledModel(t *testing.T, version string) []byte {
 }
 
 // restartController kills the controller (no clean shutdown: a crash) and
-// starts it again on the same ports and data directory.
+// starts it again on the same ports and data directory (and broker).
 func (f *fleet) restartController() {
 	f.t.Helper()
 	f.ctrl.Kill()
 	httpAddr := strings.TrimPrefix(f.api, "http://")
 	mqttAddr := strings.TrimPrefix(f.broker, "tcp://")
 	args := []string{"--data", filepath.Join(f.dir, "controller"), "--http-listen", httpAddr, "--mqtt-listen", mqttAddr}
+	if f.external {
+		args = append(args[:4], "--broker", f.broker)
+	}
 	var err error
 	for i := 0; ; i++ { // the killed process's ports can take a moment to free
-		if err = proc.CheckFree(httpAddr); err == nil {
+		if err = proc.CheckFree(httpAddr); err == nil && !f.external {
 			err = proc.CheckFree(mqttAddr)
 		}
 		if err == nil || i == 50 {
