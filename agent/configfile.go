@@ -54,6 +54,12 @@ func parseYAMLMapping(data []byte) ([]yamlPair, error) {
 	for i, raw := range strings.Split(string(data), "\n") {
 		n := i + 1
 		raw = strings.TrimSuffix(raw, "\r")
+		if i := strings.IndexAny(raw, "\r\u0085\u2028\u2029"); i >= 0 {
+			// YAML breaks lines at these too (yaml.v3 folds one inside a
+			// quoted value into a space): refused rather than read apart
+			// from YAML.
+			return nil, fmt.Errorf("line %d: a line break character (%q) inside the line; end lines with \\n or \\r\\n only", n, []rune(raw[i:])[0])
+		}
 		text, err := cutComment(raw)
 		if err != nil {
 			return nil, fmt.Errorf("line %d: %w", n, err)

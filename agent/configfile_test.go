@@ -93,6 +93,8 @@ func TestConfigFileErrors(t *testing.T) {
 		{"deeper nesting", "health:\n  watch: 1m\n    x: 1\n", "only one level of nesting"},
 		{"tab", "labels:\n\ta: b\n", "tab in the indentation"},
 		{"second document", "id: a\n---\nid: b\n", "a second document"},
+		{"carriage return alone", "id: x\nlabels:\n  a: 'b\rc'\n", "line 3: a line break character"},
+		{"line separator", "id: x\u2028y\n", "line 1: a line break character"},
 		{"not key value", "just text\n", `is not "key: value"`},
 		{"unclosed flow", "release_keys: [a, b\n", "must end with ]"},
 		{"nested flow", "release_keys: [[a]]\n", "nested"},
