@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/edgefleet/edgefleet/controller/store"
+	"github.com/edgefleet/edgefleet/controller/telemetry/summary"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 )
 
@@ -87,15 +88,7 @@ func (d *LatencyDist) add(h *pb.Histogram) uint64 {
 		if c == 0 {
 			continue
 		}
-		var v float64
-		switch {
-		case i == 0:
-			v = h.Bounds[0]
-		case i == len(h.Bounds):
-			v = h.Bounds[i-1]
-		default:
-			v = (h.Bounds[i-1] + h.Bounds[i]) / 2
-		}
+		v := summary.Midpoint(h.Bounds, i)
 		d.counts[uint32(min(max(v, 0), math.MaxUint32))] += c
 		total += c
 	}

@@ -1141,15 +1141,7 @@ func (s *Store) InferenceSamples(ctx context.Context, model, version string, sin
 			if c == 0 {
 				continue
 			}
-			var v float64
-			switch {
-			case i == 0:
-				v = h.Bounds[0]
-			case i == len(h.Bounds):
-				v = h.Bounds[i-1]
-			default:
-				v = (h.Bounds[i-1] + h.Bounds[i]) / 2
-			}
+			v := summary.Midpoint(h.Bounds, i)
 			if !add(InferenceSample{DeviceID: m.DeviceID, LatencyUS: uint32(min(v, 1<<32-1))}, c) {
 				break
 			}

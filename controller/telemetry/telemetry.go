@@ -64,8 +64,9 @@ type Publisher interface {
 	// broker. An ack needs no more: one that is lost costs its agent a
 	// resend after its ack timeout (or on reconnect), which the store
 	// ignores as duplicates and acks again; and a QoS 1 ack cost two more
-	// packets and the tracking of each on both sides, some 10% of the
-	// CPU of ingest (BENCHMARKS.md).
+	// packets and the tracking of each on both sides (with the decoder's
+	// fast path, QoS 0 acks took some 9% off ingest's CPU per batch;
+	// BENCHMARKS.md).
 	PublishAtMostOnce(topic string, payload []byte) error
 }
 

@@ -154,6 +154,21 @@ func Quantile(h *pb.Histogram, q float64) float64 {
 	return h.Bounds[len(h.Bounds)-1]
 }
 
+// Midpoint is the value that stands for bucket i of bounds when single
+// values are read back from counts: the middle of an inner bucket, the
+// nearest bound for the two open-ended ones (as in Quantile).
+func Midpoint(bounds []float64, i int) float64 {
+	switch {
+	case len(bounds) == 0:
+		return 0
+	case i <= 0:
+		return bounds[0]
+	case i >= len(bounds):
+		return bounds[len(bounds)-1]
+	}
+	return (bounds[i-1] + bounds[i]) / 2
+}
+
 // MergeAggregate adds src into dst: counts, errors, timeouts, latency,
 // each output and feature histogram by name, data-quality counters. dst
 // keeps its identity fields (slot, model, version, interval).

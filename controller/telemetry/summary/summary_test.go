@@ -114,3 +114,18 @@ func TestMerge(t *testing.T) {
 		t.Fatal("merging a malformed histogram: want an error")
 	}
 }
+
+func TestMidpoint(t *testing.T) {
+	bounds := []float64{100, 200, 400}
+	for _, c := range []struct {
+		i    int
+		want float64
+	}{{0, 100}, {1, 150}, {2, 300}, {3, 400}} {
+		if got := Midpoint(bounds, c.i); got != c.want {
+			t.Errorf("Midpoint(%v, %d) = %v, want %v", bounds, c.i, got, c.want)
+		}
+	}
+	if got := Midpoint(nil, 0); got != 0 {
+		t.Errorf("Midpoint(nil, 0) = %v, want 0", got)
+	}
+}
