@@ -35,6 +35,7 @@ import (
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 	"github.com/edgefleet/edgefleet/proto/wire"
+	"github.com/edgefleet/edgefleet/proto/wire/pahostore"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -206,7 +207,7 @@ func (l *Link) Run(ctx context.Context) error {
 		SetPingTimeout(l.o.KeepAlive/2+time.Second).
 		SetConnectTimeout(l.o.ConnectTimeout).
 		SetWriteTimeout(l.o.ConnectTimeout).
-		SetStore(mqtt.NewMemoryStore()).
+		SetStore(pahostore.New()).
 		SetBinaryWill(wire.Topic(l.o.DeviceID, wire.KindPresence), will, 1, true).
 		// Queued messages of the persistent session may arrive before
 		// Subscribe returns, so everything goes through one default handler.

@@ -325,3 +325,41 @@ func TestNewRefusesBadOptions(t *testing.T) {
 		}
 	}
 }
+
+// TestPublishesAcrossCuts keeps several publishers busy while the network
+// drops again and again, so publishes are left waiting in paho when a
+// connection dies and the next connection resumes the session under them.
+// Run with -race: paho handed one publish packet to both the new
+// connection's writer and its resume, a race the link's store
+// (pahostore) removes.
+func TestPublishesAcrossCuts(t *testing.T) {
+	b := brokertest.Start(t)
+	d := &cuttableDialer{}
+	l, rec, _ := startLink(t, Options{Broker: b.URL(), DeviceID: "dev-1", Dial: d.Dial})
+	waitUntil(t, "connect", func() bool { return rec.connects.Load() == 1 })
+
+	ctx, cancel := context.WithCancel(t.Context())
+	var wg sync.WaitGroup
+	var published atomic.Int64
+	for range 4 {
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				pctx, pcancel := context.WithTimeout(ctx, 200*time.Millisecond)
+				if l.Publish(pctx, wire.KindEvents, &pb.Event{Detail: "x"}) == nil {
+					published.Add(1)
+				}
+				pcancel()
+			}
+		})
+	}
+	const cuts = 15
+	for i := range cuts {
+		before := published.Load()
+		waitUntil(t, "publishes on this connection", func() bool { return published.Load() > before+20 })
+		d.cut(false)
+		waitUntil(t, "reconnect", func() bool { return rec.connects.Load() >= int32(i+2) })
+	}
+	cancel()
+	wg.Wait()
+	t.Logf("%d publishes acknowledged over %d connections", published.Load(), rec.connects.Load())
+}

@@ -39,6 +39,7 @@ import (
 	"github.com/edgefleet/edgefleet/controller/metrics"
 	pb "github.com/edgefleet/edgefleet/proto/edgefleetv1"
 	"github.com/edgefleet/edgefleet/proto/wire"
+	"github.com/edgefleet/edgefleet/proto/wire/pahostore"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -238,6 +239,7 @@ func New(opts Options) (*Link, error) {
 		// the broker's logs.
 		SetProtocolVersion(4).
 		SetCleanSession(false).
+		SetStore(pahostore.New()).
 		SetOrderMatters(true).
 		SetAutoReconnect(true).
 		SetConnectRetry(true).
