@@ -210,7 +210,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Controller, error)
 	if cfg.rolloutTuning != nil {
 		ropts = *cfg.rolloutTuning
 	}
-	ropts.Store, ropts.Issuer, ropts.Logger = st, c.director, log.With("component", "rollouts")
+	ropts.Store, ropts.Issuer, ropts.Logger, ropts.Metrics = st, c.director, log.With("component", "rollouts"), c.metrics
 	if ropts.Drift == nil {
 		ropts.Drift = &telemetry.DriftSource{Store: st}
 	}
@@ -500,7 +500,7 @@ func (c *Controller) handleMessage(ctx context.Context, m link.Message) error {
 	// commit; what acts on them runs once they are stored.
 	u := inventory.Update{DeviceID: id, At: at, Done: func(err error) {
 		if err == nil {
-			c.rollouts.DeviceChanged(id)
+			c.rollouts.DeviceReported(id, m.Received)
 		}
 	}}
 	switch m.Kind {
@@ -511,7 +511,7 @@ func (c *Controller) handleMessage(ctx context.Context, m link.Message) error {
 			// stored: a device that missed a rotation needs it anyway.
 			c.director.PublishKeys(id)
 			if err == nil {
-				c.rollouts.DeviceChanged(id)
+				c.rollouts.DeviceReported(id, m.Received)
 			}
 		}
 	case wire.KindState:

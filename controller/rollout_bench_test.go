@@ -116,11 +116,14 @@ func (f *benchFleet) waitStatus(b *testing.B, id string, what string, cond func(
 
 // BenchmarkRolloutWaveDecision10k measures, on 10,000 devices, the time
 // from the device report that completes a wave (a real MQTT state message
-// through the embedded broker) to the moment the broker has acknowledged
-// every desired state of the next wave. Waves 1%, 10%, 50%, 100%: the
-// transitions notify 900, 4,000 and 5,000 devices. Each iteration is one
-// rollout (alternating between versions); ms/wave-N are medians over the
-// iterations, ms/decision the median of all transitions.
+// through the embedded broker) to the broker's acknowledgement of the
+// first desired state of the next wave (ms/decision: the decision is
+// stored and acted on), and of every one (ms/dispatch-wave-N-to-M: the
+// whole wave notified, over commits of rollout.Options.NotifyBatch
+// devices). Waves 1%, 10%, 50%, 100%: the transitions notify 900, 4,000
+// and 5,000 devices. Each iteration is one rollout (alternating between
+// versions); the figures are medians over the iterations (and, for
+// ms/decision, over the transitions).
 func BenchmarkRolloutWaveDecision10k(b *testing.B) {
 	const n = 10_000
 	f := startBenchFleet(b, n)
@@ -187,26 +190,34 @@ func BenchmarkRolloutWaveDecision10k(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			want := f.published() + uint64(len(waves[w+1]))
+			base := f.published()
+			want := base + uint64(len(waves[w+1]))
 			cpu0 := cpuTime()
 			b.StartTimer()
 			start := time.Now()
 			dev.SendRaw(wire.Topic(last, wire.KindState), payload, true)
-			for f.published() < want {
+			var decided time.Duration
+			for n := f.published(); n < want; n = f.published() {
+				if decided == 0 && n > base {
+					decided = time.Since(start)
+				}
 				time.Sleep(200 * time.Microsecond)
 			}
 			took := time.Since(start)
+			if decided == 0 {
+				decided = took
+			}
 			b.StopTimer()
 			cpu = append(cpu, cpuTime()-cpu0)
 			byTransition[w] = append(byTransition[w], took)
-			all = append(all, took)
+			all = append(all, decided)
 		}
 	}
 	for w, ds := range byTransition {
-		b.ReportMetric(median(ds), fmt.Sprintf("ms/wave-%d-to-%d", w+1, w+2))
+		b.ReportMetric(median(ds), fmt.Sprintf("ms/dispatch-wave-%d-to-%d", w+1, w+2))
 	}
 	b.ReportMetric(median(all), "ms/decision")
-	b.ReportMetric(median(cpu), "cpu-ms/decision")
+	b.ReportMetric(median(cpu), "cpu-ms/dispatch")
 	b.ReportMetric(0, "ns/op")
 }
 

@@ -68,15 +68,19 @@ type Rollout struct {
 
 // RolloutWave is one wave of a rollout.
 type RolloutWave struct {
-	Index      int               `json:"index"`
-	Size       int               `json:"size"`
-	State      string            `json:"state"`
-	Approval   bool              `json:"approval"`
-	Approved   bool              `json:"approved"`
-	Override   bool              `json:"override"`
-	Soak       string            `json:"soak"`
-	StartedAt  *string           `json:"startedAt"`
-	FinishedAt *string           `json:"finishedAt"`
+	Index      int     `json:"index"`
+	Size       int     `json:"size"`
+	State      string  `json:"state"`
+	Approval   bool    `json:"approval"`
+	Approved   bool    `json:"approved"`
+	Override   bool    `json:"override"`
+	Soak       string  `json:"soak"`
+	StartedAt  *string `json:"startedAt"`
+	FinishedAt *string `json:"finishedAt"`
+	// DecisionMs is how long the controller took, once the wave's last
+	// device was done, to store and publish what came next; absent until
+	// then.
+	DecisionMs *float64          `json:"decisionMs,omitempty"`
 	Steps      map[string]int    `json:"steps"`
 	Failed     int               `json:"failed"`
 	Gates      []rollout.Verdict `json:"gates"`
@@ -155,6 +159,10 @@ func RolloutJSON(s rollout.Status) Rollout {
 		}
 		if rw.Gates == nil {
 			rw.Gates = []rollout.Verdict{}
+		}
+		if w.DecidedAfter >= 0 {
+			ms := float64(w.DecidedAfter.Microseconds()) / 1000
+			rw.DecisionMs = &ms
 		}
 		out.Waves = append(out.Waves, rw)
 	}

@@ -46,6 +46,17 @@ type run struct {
 	dirtyDevs    map[*dev]bool
 	desired      []store.SlotChange
 	history      []string
+	// decisions are the waves this decision finished, reported once it is
+	// committed; more is set when notify left devices of the running wave
+	// for the next commit (Options.NotifyBatch).
+	decisions []decision
+	more      bool
+}
+
+// decision is a finished wave and when the news that finished it came in.
+type decision struct {
+	wave     int // index of the wave that passed
+	evidence time.Time
 }
 
 type wave struct {
@@ -67,6 +78,19 @@ type dev struct {
 	// ACTIVATED event (states and events are separate messages), while
 	// states themselves arrive in order.
 	sawNew bool
+	// news is when the controller learned what put the device in its
+	// current step: the receipt of the report that moved it, the deadline
+	// or the soak end that did. Zero when not known (loaded at start):
+	// rec.StepAt stands in.
+	news time.Time
+}
+
+// newsAt is when the device's current step became known.
+func (d *dev) newsAt() time.Time {
+	if d.news.IsZero() {
+		return d.rec.StepAt
+	}
+	return d.news
 }
 
 func newRun(ro store.Rollout, spec Spec, m store.Model) *run {
@@ -227,7 +251,7 @@ func (r *run) committed(c store.RolloutCommit) {
 	r.dirtyRollout = false
 	r.dirtyWaves = map[*wave]bool{}
 	r.dirtyDevs = map[*dev]bool{}
-	r.desired, r.history = nil, nil
+	r.desired, r.history, r.decisions = nil, nil, nil
 }
 
 func (r *run) failures() (n int, why []string) {
@@ -533,9 +557,17 @@ func (e *Engine) timers(r *run, now time.Time) {
 			o := e.obs[d.rec.DeviceID]
 			if o != nil {
 				ss := o.slots[r.ro.Slot]
-				if ss.activeIs(r.model.Digest) && ss.healthy && !now.Before(d.rec.ActivatedAt.Add(r.soak(d.rec.Wave))) {
+				soakEnd := d.rec.ActivatedAt.Add(r.soak(d.rec.Wave))
+				if ss.activeIs(r.model.Digest) && ss.healthy && !now.Before(soakEnd) {
+					news := d.newsAt()
 					if r.setStep(d, StepHealthy, now) {
 						d.rec.Detail = "healthy through the soak"
+						// Healthy since the later of its activation's
+						// report and the soak's end.
+						d.news = news
+						if soakEnd.After(news) {
+							d.news = soakEnd
+						}
 					}
 					continue
 				}
@@ -547,7 +579,11 @@ func (e *Engine) timers(r *run, now time.Time) {
 		if e.shadowWaits(r, d) {
 			continue // its wave's shadow gate decides (shadowWave)
 		}
+		step, deadline := d.step, d.rec.Deadline
 		e.deadlinePassed(r, d, now)
+		if d.step != step {
+			d.news = deadline
+		}
 	}
 }
 
@@ -645,6 +681,13 @@ func (e *Engine) runWaves(ctx context.Context, r *run, now time.Time) {
 		r.settling = false
 		r.setWave(w, WavePassed, now)
 		r.note(now, "wave %d of %d passed", i+1, len(r.waves))
+		d := decision{wave: i}
+		for _, dv := range r.byWave[i] {
+			if at := dv.newsAt(); at.After(d.evidence) {
+				d.evidence = at
+			}
+		}
+		r.decisions = append(r.decisions, d)
 		r.ro.Wave++
 		r.dirtyRollout = true
 	}
@@ -799,8 +842,12 @@ func (e *Engine) gateInput(r *run, i int, now time.Time, final bool) *GateInput 
 	return in
 }
 
+// laterBatches is how many times Options.NotifyBatch the commits after a
+// wave's first may issue.
+const laterBatches = 20
+
 // notify issues the desired state to the pending devices of wave i, as
-// many as the download cap allows.
+// many as the download cap and the batch allow.
 func (e *Engine) notify(ctx context.Context, r *run, i int, now time.Time) error {
 	if r.phase() != PhaseRunning && r.phase() != PhaseSucceeded {
 		return nil
@@ -809,11 +856,21 @@ func (e *Engine) notify(ctx context.Context, r *run, i int, now time.Time) error
 	if i >= len(r.waves) {
 		limit = 0
 	}
-	inFlight := 0
+	inFlight, started := 0, false
 	for _, d := range r.byWave[i] {
 		if d.step.inFlight() {
 			inFlight++
 		}
+		if d.step != StepPending {
+			started = true
+		}
+	}
+	// The commit that starts a wave (and carries the decision to) stays
+	// small; the rest of the wave follows in larger ones, since every
+	// commit rewrites the pages it touches (RATIONALE.md).
+	batch := e.o.NotifyBatch
+	if started {
+		batch *= laterBatches
 	}
 	var picked []*dev
 	for _, d := range r.byWave[i] {
@@ -821,6 +878,10 @@ func (e *Engine) notify(ctx context.Context, r *run, i int, now time.Time) error
 			continue
 		}
 		if limit > 0 && inFlight >= limit {
+			break
+		}
+		if len(picked) == batch {
+			r.more = true // the rest in the commits that follow
 			break
 		}
 		picked = append(picked, d)

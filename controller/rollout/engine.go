@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/edgefleet/edgefleet/controller/metrics"
 	"github.com/edgefleet/edgefleet/controller/store"
 )
 
@@ -31,6 +32,7 @@ type Store interface {
 	Rollout(ctx context.Context, id string) (store.Rollout, error)
 	Rollouts(ctx context.Context, openOnly bool) ([]store.Rollout, error)
 	RolloutWaves(ctx context.Context, id string) ([]store.RolloutWave, error)
+	SetWaveDecision(ctx context.Context, id string, idx int, after time.Duration) error
 	RolloutDevices(ctx context.Context, id string) ([]store.RolloutDevice, error)
 	RolloutView(ctx context.Context, id string, historyLimit int) (store.RolloutView, error)
 	DeviceBriefs(ctx context.Context, slot string, ids []string) ([]store.DeviceBrief, error)
@@ -77,6 +79,14 @@ type Options struct {
 	RestartGrace time.Duration
 	// MaxSleep bounds the engine's sleep between checks (default 5s).
 	MaxSleep time.Duration
+	// NotifyBatch bounds the desired states issued by the commit that
+	// starts a wave (default 500), and 20 times as many by each commit
+	// after it. A larger wave is notified over several commits in a row:
+	// the decision to start it, with its first devices, is stored and
+	// published without waiting for the rest.
+	NotifyBatch int
+	// Metrics, if set, receives the wave decision latency histogram.
+	Metrics *metrics.Registry
 }
 
 // Engine runs the rollouts. Its Run owns every rollout in progress: one
@@ -95,7 +105,11 @@ type Engine struct {
 	stopMu  sync.Once
 
 	dirtyMu sync.Mutex
-	dirty   map[string]struct{}
+	// dirty holds the devices with news not yet applied, each with the
+	// earliest time the controller received any of it (zero: unknown).
+	dirty map[string]time.Time
+	// decisionLatency observes each wave decision (see decision).
+	decisionLatency *metrics.Histogram
 
 	bc broadcaster
 
@@ -134,6 +148,9 @@ func New(o Options) (*Engine, error) {
 	if o.MaxSleep <= 0 {
 		o.MaxSleep = 5 * time.Second
 	}
+	if o.NotifyBatch <= 0 {
+		o.NotifyBatch = 500
+	}
 	e := &Engine{
 		o:        o,
 		log:      o.Logger,
@@ -142,11 +159,16 @@ func New(o Options) (*Engine, error) {
 		wake:     make(chan struct{}, 1),
 		started:  make(chan struct{}),
 		stopped:  make(chan struct{}),
-		dirty:    map[string]struct{}{},
+		dirty:    map[string]time.Time{},
 		bc:       broadcaster{subs: map[string]map[chan struct{}]struct{}{}},
 		runs:     map[string]*run{},
 		byDevice: map[string][]*run{},
 		obs:      map[string]*observation{},
+	}
+	if o.Metrics != nil {
+		e.decisionLatency = o.Metrics.Histogram("edgefleet_controller_rollout_wave_decision_seconds",
+			"Time from receiving the report that finished a wave's last device (or its deadline or soak end) to the next wave's start, or the rollout's end, being stored and its first desired states published.",
+			metrics.LatencyBuckets)
 	}
 	for name, f := range builtinGates {
 		e.gates[name] = f
@@ -170,10 +192,17 @@ func (e *Engine) KnownGate(t string) bool {
 }
 
 // DeviceChanged tells the engine that something a device reported was
-// stored (hello, state, presence, events). It never blocks.
-func (e *Engine) DeviceChanged(id string) {
+// stored, without saying when it came in; DeviceReported is preferred.
+func (e *Engine) DeviceChanged(id string) { e.DeviceReported(id, time.Time{}) }
+
+// DeviceReported tells the engine that a report the controller received
+// at received was stored for device id. The time dates the news: a wave's
+// decision latency counts from the report that finished it.
+func (e *Engine) DeviceReported(id string, received time.Time) {
 	e.dirtyMu.Lock()
-	e.dirty[id] = struct{}{}
+	if at, ok := e.dirty[id]; !ok || at.IsZero() || (!received.IsZero() && received.Before(at)) {
+		e.dirty[id] = received
+	}
 	e.dirtyMu.Unlock()
 	e.poke()
 }
@@ -248,14 +277,43 @@ func (e *Engine) Started() <-chan struct{} { return e.started }
 
 // step advances one rollout and commits what changed.
 func (e *Engine) step(ctx context.Context, r *run, now time.Time) {
-	r.touched = false
+	r.touched, r.more = false, false
 	e.advance(ctx, r, now)
-	if err := e.commit(ctx, r, now, false); err != nil && ctx.Err() == nil {
-		e.log.Error("rollout decision not committed; retrying", "rollout", r.ro.ID, "err", err)
-		r.wakeAt = now.Add(time.Second)
+	decisions, more, issued := r.decisions, r.more, len(r.desired)
+	if err := e.commit(ctx, r, now, false); err != nil {
+		if ctx.Err() == nil {
+			e.log.Error("rollout decision not committed; retrying", "rollout", r.ro.ID, "err", err)
+			r.wakeAt = now.Add(time.Second)
+		}
 		return
 	}
+	e.reportDecisions(ctx, r, decisions, issued)
 	r.wakeAt = e.nextWake(r, now)
+	if more {
+		r.wakeAt = now // the wave's next devices, right after this pass
+	}
+}
+
+// reportDecisions records each wave decision of a committed step with its
+// latency (store, metric, log): from the news that finished the wave to
+// now, when the next wave's start (or the rollout's end) is stored and
+// its first desired states are published.
+func (e *Engine) reportDecisions(ctx context.Context, r *run, ds []decision, issued int) {
+	for _, d := range ds {
+		after := max(0, e.o.Now().Sub(d.evidence))
+		if e.decisionLatency != nil {
+			e.decisionLatency.Observe(after.Seconds())
+		}
+		if err := e.o.Store.SetWaveDecision(ctx, r.ro.ID, d.wave, after); err != nil {
+			e.log.Warn("record wave decision latency", "rollout", r.ro.ID, "wave", d.wave+1, "err", err)
+		}
+		next := "rollout " + r.ro.Phase
+		if d.wave+1 < len(r.waves) {
+			next = fmt.Sprintf("wave %d %s", d.wave+2, r.waves[d.wave+1].state)
+		}
+		e.log.Info("rollout wave decided", "rollout", r.ro.ID, "wave", d.wave+1, "next", next,
+			"decision_ms", after.Milliseconds(), "issued", issued)
+	}
 }
 
 func (e *Engine) sortedRuns() []*run {
@@ -429,21 +487,44 @@ func (e *Engine) refreshObs(ctx context.Context, ids []string) error {
 func (e *Engine) processDirty(ctx context.Context) {
 	e.dirtyMu.Lock()
 	dirty := e.dirty
-	e.dirty = map[string]struct{}{}
+	e.dirty = map[string]time.Time{}
 	e.dirtyMu.Unlock()
-	var ids []string
-	for id := range dirty {
-		if len(e.byDevice[id]) > 0 {
-			ids = append(ids, id)
-		}
+	if len(dirty) == 0 {
+		return
 	}
 	now := e.o.Now()
+	// The steps before the news, to date the devices it moves (dev.news).
+	before := map[*dev]Step{}
+	var ids []string
+	for id := range dirty {
+		if len(e.byDevice[id]) == 0 {
+			continue
+		}
+		ids = append(ids, id)
+		for _, r := range e.byDevice[id] {
+			if d := r.byID[id]; d != nil {
+				before[d] = d.step
+			}
+		}
+	}
+	defer func() {
+		for d, step := range before {
+			if d.step != step {
+				d.news = now
+				if at := dirty[d.rec.DeviceID]; !at.IsZero() && at.Before(now) {
+					d.news = at
+				}
+			}
+		}
+	}()
 	if len(ids) > 0 {
 		if err := e.refreshObs(ctx, ids); err != nil {
 			e.log.Error("read device states for rollouts", "devices", len(ids), "err", err)
 			e.dirtyMu.Lock()
 			for _, id := range ids {
-				e.dirty[id] = struct{}{}
+				if _, ok := e.dirty[id]; !ok {
+					e.dirty[id] = dirty[id]
+				}
 			}
 			e.dirtyMu.Unlock()
 		}
@@ -454,9 +535,6 @@ func (e *Engine) processDirty(ctx context.Context) {
 				}
 			}
 		}
-	}
-	if len(dirty) == 0 {
-		return
 	}
 	for {
 		evs, err := e.o.Store.EventsAfter(ctx, e.cursor, nil, 1000)

@@ -49,9 +49,12 @@ type WaveStatus struct {
 	Soak       time.Duration
 	StartedAt  time.Time
 	FinishedAt time.Time
-	Steps      map[Step]int
-	Failed     int
-	Verdicts   []Verdict
+	// DecidedAfter is store.RolloutWave.DecidedAfter: negative until the
+	// wave's decision is made and measured.
+	DecidedAfter time.Duration
+	Steps        map[Step]int
+	Failed       int
+	Verdicts     []Verdict
 }
 
 // HistoryLimit is how many history lines Status returns.
@@ -104,7 +107,7 @@ func (e *Engine) status(ctx context.Context, id string, historyLimit int) (Statu
 	for _, w := range v.Waves {
 		ws := WaveStatus{
 			Index: w.Index, Size: w.Size, State: WaveState(w.State), Approved: w.Approved, Override: w.Override,
-			StartedAt: w.StartedAt, FinishedAt: w.FinishedAt, Steps: map[Step]int{},
+			StartedAt: w.StartedAt, FinishedAt: w.FinishedAt, DecidedAfter: w.DecidedAfter, Steps: map[Step]int{},
 		}
 		if w.SpecIndex < len(spec.Strategy.Waves) {
 			sw := spec.Strategy.Waves[w.SpecIndex]

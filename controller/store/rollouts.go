@@ -54,6 +54,11 @@ type RolloutWave struct {
 	FinishedAt time.Time
 	// Verdicts is the JSON of the gates' last verdicts.
 	Verdicts []byte
+	// DecidedAfter is how long the controller took, once the wave's last
+	// device was done, to store and publish what came next (the next
+	// wave's start, or the rollout's end); negative until measured. Only
+	// SetWaveDecision writes it.
+	DecidedAfter time.Duration
 }
 
 // RolloutDevice is one device's step in a rollout.
@@ -249,6 +254,22 @@ func (s *Store) Rollouts(ctx context.Context, openOnly bool) ([]Rollout, error) 
 	return out, rows.Err()
 }
 
+// SetWaveDecision records how long the decision that ended wave idx of
+// rollout id took (RolloutWave.DecidedAfter). It is a measurement of a
+// decision already committed, so it goes in on its own, outside
+// CommitRollout's revision check.
+func (s *Store) SetWaveDecision(ctx context.Context, id string, idx int, after time.Duration) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE rollout_waves SET decided_after_us = ? WHERE rollout_id = ? AND idx = ?`,
+		max(0, after.Microseconds()), id, idx)
+	if err != nil {
+		return fmt.Errorf("rollout %q wave %d decision: %w", id, idx, err)
+	}
+	if n, err := res.RowsAffected(); err == nil && n == 0 {
+		return fmt.Errorf("rollout %q wave %d decision: %w", id, idx, ErrNotFound)
+	}
+	return nil
+}
+
 // RolloutWaves returns the waves of a rollout in order.
 func (s *Store) RolloutWaves(ctx context.Context, id string) ([]RolloutWave, error) {
 	return rolloutWaves(ctx, s.db, id)
@@ -256,7 +277,7 @@ func (s *Store) RolloutWaves(ctx context.Context, id string) ([]RolloutWave, err
 
 func rolloutWaves(ctx context.Context, q queryerRows, id string) ([]RolloutWave, error) {
 	rows, err := q.QueryContext(ctx, `
-		SELECT idx, spec_idx, size, state, approved, override, started_ms, finished_ms, verdicts
+		SELECT idx, spec_idx, size, state, approved, override, started_ms, finished_ms, verdicts, decided_after_us
 		FROM rollout_waves WHERE rollout_id = ? ORDER BY idx`, id)
 	if err != nil {
 		return nil, fmt.Errorf("rollout %q waves: %w", id, err)
@@ -265,12 +286,13 @@ func rolloutWaves(ctx context.Context, q queryerRows, id string) ([]RolloutWave,
 	var out []RolloutWave
 	for rows.Next() {
 		w := RolloutWave{RolloutID: id}
-		var started, finished int64
+		var started, finished, decided int64
 		var verdicts string
-		if err := rows.Scan(&w.Index, &w.SpecIndex, &w.Size, &w.State, &w.Approved, &w.Override, &started, &finished, &verdicts); err != nil {
+		if err := rows.Scan(&w.Index, &w.SpecIndex, &w.Size, &w.State, &w.Approved, &w.Override, &started, &finished, &verdicts, &decided); err != nil {
 			return nil, fmt.Errorf("rollout %q waves: %w", id, err)
 		}
 		w.StartedAt, w.FinishedAt = fromMS(started), fromMS(finished)
+		w.DecidedAfter = time.Duration(decided) * time.Microsecond
 		w.Verdicts = []byte(verdicts)
 		out = append(out, w)
 	}

@@ -347,6 +347,11 @@ CREATE TABLE telemetry_minutes (
 CREATE INDEX telemetry_minutes_by_version ON telemetry_minutes (model, version, minute_ms);
 CREATE INDEX telemetry_minutes_by_time ON telemetry_minutes (minute_ms);
 `,
+	// 5: how long each wave's decision took (RolloutWave.DecidedAfter);
+	// -1 where it was not measured.
+	`
+ALTER TABLE rollout_waves ADD COLUMN decided_after_us INTEGER NOT NULL DEFAULT -1;
+`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

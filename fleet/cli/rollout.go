@@ -546,7 +546,11 @@ func RenderRollout(tw *tabwriter.Writer, r *client.Rollout, now time.Time) {
 		stateW, progW = max(stateW, len(state)), max(progW, len(rows[i].progress))
 	}
 	for i, w := range r.Waves {
-		fmt.Fprintf(tw, "  wave %-3d %-*s  %-*s  %s\n", w.Index+1, stateW, rows[i].state, progW, rows[i].progress, stepCounts(w.Steps))
+		steps := stepCounts(w.Steps)
+		if w.DecisionMs != nil {
+			steps += fmt.Sprintf("; next step decided %s after its last device", decisionTime(*w.DecisionMs))
+		}
+		fmt.Fprintf(tw, "  wave %-3d %-*s  %-*s  %s\n", w.Index+1, stateW, rows[i].state, progW, rows[i].progress, steps)
 		for _, v := range w.Gates {
 			fmt.Fprintf(tw, "      gate %-15s %-12s %s\n", v.Gate, strings.ToUpper(v.Result), v.Detail)
 			if f := figures(v.Figures); f != "" {
@@ -566,6 +570,15 @@ func RenderRollout(tw *tabwriter.Writer, r *client.Rollout, now time.Time) {
 	case "paused":
 		fmt.Fprintf(tw, "next: fleet rollout resume %s (or abort, or rollback)\n", r.ID)
 	}
+}
+
+// decisionTime renders a decision latency in milliseconds: whole ones
+// from 10 ms, one decimal below.
+func decisionTime(ms float64) string {
+	if ms >= 10 {
+		return fmt.Sprintf("%.0f ms", ms)
+	}
+	return fmt.Sprintf("%.1f ms", ms)
 }
 
 func sum(m map[string]int) int {

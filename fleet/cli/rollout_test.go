@@ -13,6 +13,10 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"text/tabwriter"
+	"time"
+
+	"github.com/edgefleet/edgefleet/fleet/client"
 )
 
 // fakeRollouts is the rollout API of a controller, canned: it records the
@@ -230,4 +234,38 @@ func FuzzSpecYAML(f *testing.F) {
 			t.Fatalf("output is not a JSON object: %v\n%s", err, out)
 		}
 	})
+}
+
+// TestRenderRolloutDecision shows a wave's decision latency, once the
+// controller measured it, on the wave's line.
+func TestRenderRolloutDecision(t *testing.T) {
+	var r client.Rollout
+	if err := json.Unmarshal([]byte(`{"id":"r1","model":"m","version":"2.0.0","slot":"default","phase":"running","wave":1,"targets":10,
+		"waves":[{"index":0,"size":2,"state":"passed","steps":{"healthy":2},"decisionMs":105.3},
+		         {"index":1,"size":8,"state":"running","steps":{"notified":8},"decisionMs":null}]}`), &r); err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
+	RenderRollout(tw, &r, time.Now())
+	tw.Flush()
+	lines := strings.Split(b.String(), "\n")
+	var w1, w2 string
+	for _, l := range lines {
+		switch {
+		case strings.HasPrefix(strings.TrimSpace(l), "wave 1 "):
+			w1 = l
+		case strings.HasPrefix(strings.TrimSpace(l), "wave 2 "):
+			w2 = l
+		}
+	}
+	if !strings.HasSuffix(w1, "healthy 2; next step decided 105 ms after its last device") {
+		t.Errorf("wave 1 line %q", w1)
+	}
+	if strings.Contains(w2, "decided") || !strings.HasSuffix(w2, "notified 8") {
+		t.Errorf("wave 2 line %q", w2)
+	}
+	if decisionTime(3.25) != "3.2 ms" && decisionTime(3.25) != "3.3 ms" {
+		t.Errorf("decisionTime(3.25) = %q", decisionTime(3.25))
+	}
 }

@@ -49,15 +49,18 @@ func (r *Rollout) Finished() bool {
 
 // RolloutWave is one wave of a rollout.
 type RolloutWave struct {
-	Index      int            `json:"index"`
-	Size       int            `json:"size"`
-	State      string         `json:"state"`
-	Approval   bool           `json:"approval"`
-	Approved   bool           `json:"approved"`
-	Override   bool           `json:"override"`
-	Soak       string         `json:"soak"`
-	StartedAt  *time.Time     `json:"startedAt"`
-	FinishedAt *time.Time     `json:"finishedAt"`
+	Index      int        `json:"index"`
+	Size       int        `json:"size"`
+	State      string     `json:"state"`
+	Approval   bool       `json:"approval"`
+	Approved   bool       `json:"approved"`
+	Override   bool       `json:"override"`
+	Soak       string     `json:"soak"`
+	StartedAt  *time.Time `json:"startedAt"`
+	FinishedAt *time.Time `json:"finishedAt"`
+	// DecisionMs is how long the controller took, once the wave's last
+	// device was done, to store and publish what came next; nil until then.
+	DecisionMs *float64       `json:"decisionMs"`
 	Steps      map[string]int `json:"steps"`
 	Failed     int            `json:"failed"`
 	Gates      []GateVerdict  `json:"gates"`
