@@ -285,11 +285,11 @@ func maxDur(vs []time.Duration) time.Duration {
 func secs(d time.Duration) string { return fmt.Sprintf("%.1f s", d.Seconds()) }
 func ms(d time.Duration) string   { return fmt.Sprintf("%d ms", d.Milliseconds()) }
 
-// decision renders a wave decision latency: one seen within a single
-// poll of the rollout is only known to be under the poll interval.
+// decision renders a wave decision latency, to the millisecond (to a
+// tenth of one below 10 ms).
 func decision(d time.Duration) string {
-	if d < pollEvery {
-		return fmt.Sprintf("< %d ms", pollEvery.Milliseconds())
+	if d < 10*time.Millisecond {
+		return fmt.Sprintf("%.1f ms", float64(d.Microseconds())/1000)
 	}
 	return ms(d)
 }
@@ -410,12 +410,12 @@ func (r *results) markdown() string {
 			"then **each run is one upgrade rollout of the same fleet** to the next version (2.0.0, 3.0.0, ...), all with `waves: [%s]`, "+
 			"`soak: 0s`, no gates. Rollout wall time runs from the request until the rollout succeeded and every device reports the "+
 			"new version; controller CPU is its user+system time over that span; MQTT messages are the PUBLISH packets the simulated "+
-			"devices sent and received per second during the rollout; the wave decision latency is the time from the last device of a "+
-			"wave counting as succeeded to the first device of the next being notified, as seen polling the rollout every %d ms from "+
-			"the moment a wave is %.0f %% done until the next has started, every %d ms before that (a status read costs the controller a "+
-			"query over every device step, so the bench reads it fast only where the latency is measured; a wave seen done after a slow "+
-			"read counts from the read before, so the latency can only come out longer) (worst wave of the run). Controller memory: resident with the fleet joined, and its peak (VmHWM) over the whole session, join included.\n\n",
-			cmp.Or(r.SimDevices, 2000), r.JoinRate, benchModel, strings.Join(rolloutWaves, ", "), pollEvery.Milliseconds(), pollNear*100, pollSlow.Milliseconds())
+			"devices sent and received per second during the rollout; the wave decision latency is the controller's own record of each "+
+			"wave (`decisionMs` in the rollout's API view): from receiving the report that finished the wave's last device to having "+
+			"stored the next wave's start (or the rollout's end) and published its first desired states (worst wave of the run, the "+
+			"last wave's decision to end the rollout included). The rollout's status is read every %d ms while it runs. Controller "+
+			"memory: resident with the fleet joined, and its peak (VmHWM) over the whole session, join included.\n\n",
+			cmp.Or(r.SimDevices, 2000), r.JoinRate, benchModel, strings.Join(rolloutWaves, ", "), pollEvery.Milliseconds())
 		w("| broker | devices | upgrade rollout: wall time | controller CPU | wave decision latency (worst) | MQTT messages/s | controller memory idle / peak | install rollout | fleet join |\n")
 		w("|---|---|---|---|---|---|---|---|---|\n")
 		for _, ro := range r.Rollout {

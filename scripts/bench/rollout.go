@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"os"
 	"os/exec"
@@ -76,9 +75,11 @@ type rolloutRun struct {
 	// every process): on a machine that runs both, the controller's
 	// rival for the cores.
 	SimCPU time.Duration
-	// Decisions are, per wave after the first, the time from the last
-	// device of the wave before counting as succeeded to the first device
-	// of this wave being notified, as seen by polling every pollEvery.
+	// Decisions are, per wave, the decision latency the controller
+	// recorded (the wave's decisionMs in the API): from receiving the
+	// report that finished the wave's last device to storing the next
+	// wave's start (or the rollout's end) and publishing its first desired
+	// states.
 	Decisions []time.Duration
 	// Messages is the rate of MQTT PUBLISH packets the simulated devices
 	// sent and received during the rollout.
@@ -90,20 +91,13 @@ type rolloutRun struct {
 	Err string
 }
 
-// pollEvery is how often the rollout's status is read around a wave's
-// end, where the decision latency is measured; pollSlow is how often it
-// is read while the current wave is far from done. Each read costs the
-// controller a query over every device step of the rollout (10,000 rows
-// at 10,000 devices): read twenty times a second through a whole
-// rollout, that was 18 % of the controller's CPU, load the benchmark put
-// on what it measures.
-const (
-	pollEvery = 50 * time.Millisecond
-	pollSlow  = 250 * time.Millisecond
-	// pollNear is the share of a wave's devices done from which the
-	// status is read every pollEvery.
-	pollNear = 0.9
-)
+// pollEvery is how often the rollout's status is read while it runs.
+// Each read costs the controller a query over every device step of the
+// rollout (10,000 rows at 10,000 devices): read twenty times a second
+// through a whole rollout, that was 18 % of the controller's CPU, load
+// the benchmark put on what it measures. The decision latency is the
+// controller's own figure, so reading often buys nothing.
+const pollEvery = 250 * time.Millisecond
 
 // versions are the benchmark model's versions a session uses: 1.0.0 to
 // install, one more per run, one more for the profiled run, one more for
@@ -281,8 +275,8 @@ func (e *env) rollout(ctx context.Context, c *ctl, s *simFleet, n int, version s
 		return f
 	}
 	want := benchModel + "@" + version
-	st, decisions, err := c.followRollout(ctx, e.log, created.ID, e.cfg.rolloutTimeout)
-	f.Phase, f.Decisions = st.Phase, decisions
+	st, err := c.followRollout(ctx, created.ID, e.cfg.rolloutTimeout)
+	f.Phase = st.Phase
 	if err == nil {
 		_, err = s.wait(ctx, time.Minute, "every device to run "+want, func(st simStatus) bool { return st.Running[want] == n })
 	}
@@ -294,6 +288,9 @@ func (e *env) rollout(ctx context.Context, c *ctl, s *simFleet, n int, version s
 	final := s.status()
 	f.Done = final.Running[want]
 	f.Messages = float64(final.Published+final.Received-msgs0.Published-msgs0.Received) / t1.Sub(t0).Seconds()
+	if err == nil {
+		f.Decisions, err = c.decisions(ctx, created.ID)
+	}
 	if err != nil {
 		f.Err = err.Error()
 	}
@@ -355,89 +352,52 @@ type apiRollout struct {
 		State  string         `json:"state"`
 		Steps  map[string]int `json:"steps"`
 		Failed int            `json:"failed"`
+		// DecisionMs is the controller's own measure of the wave's
+		// decision latency, set once it is made.
+		DecisionMs *float64 `json:"decisionMs"`
 	} `json:"waves"`
 }
 
 // finishedSteps are the steps a device ends a wave in.
 var finishedSteps = []string{"healthy", "failed", "timed-out", "skipped", "rolled-back"}
 
-// followRollout polls a rollout until it ends and returns, for each wave
-// after the first, the decision latency it saw: from the last read that
-// found the wave before not yet done (or, read every pollEvery, the
-// first that found it done) to the first that found this one started.
-// The status is read every pollEvery once the current wave is nearly
-// done, every pollSlow before that; where a wave finished within a slow
-// interval, the latency is counted from the start of that interval, so
-// slow reading can only make a decision look slower, never faster.
-func (c *ctl) followRollout(ctx context.Context, log *slog.Logger, id string, timeout time.Duration) (apiRollout, []time.Duration, error) {
+// followRollout reads a rollout every pollEvery until it ends.
+func (c *ctl) followRollout(ctx context.Context, id string, timeout time.Duration) (apiRollout, error) {
 	var st apiRollout
-	var allDone, started []time.Time
 	deadline := time.Now().Add(timeout)
-	var prev time.Time // the last read's time
-	fast := false      // whether the last read was pollEvery after the one before
 	for {
-		sent := time.Now()
 		if _, err := c.call(ctx, http.MethodGet, "/v1/rollouts/"+id, nil, &st); err != nil {
-			return st, nil, err
-		}
-		now := time.Now()
-		if allDone == nil {
-			allDone, started = make([]time.Time, len(st.Waves)), make([]time.Time, len(st.Waves))
-		}
-		near := false
-		for i, w := range st.Waves {
-			if i >= len(allDone) {
-				break
-			}
-			done := 0
-			for _, s := range finishedSteps {
-				done += w.Steps[s]
-			}
-			if done >= w.Size && w.Size > 0 && allDone[i].IsZero() {
-				allDone[i] = now
-				if !fast && !prev.IsZero() {
-					allDone[i] = prev
-				}
-			}
-			if started[i].IsZero() && (w.Steps["notified"] > 0 || w.State != "pending" && w.State != "waiting-approval") {
-				started[i] = now
-				if i > 0 && !allDone[i-1].IsZero() {
-					// Where a decision's time goes: the read that saw the
-					// wave started took this long itself, and a slow
-					// read counts whole (see above).
-					log.Info("wave start seen", "rollout", id, "wave", i+1, "after", now.Sub(allDone[i-1]), "read", now.Sub(sent), "fast", fast)
-				}
-			}
-			// The wave under way, nearly done; or done, with the next
-			// not seen started yet: a decision is due.
-			if !started[i].IsZero() && w.Size > 0 && (allDone[i].IsZero() && float64(done) >= pollNear*float64(w.Size) ||
-				!allDone[i].IsZero() && i+1 < len(started) && started[i+1].IsZero()) {
-				near = true
-			}
+			return st, err
 		}
 		switch st.Phase {
-		case "succeeded", "aborted", "rolled-back":
-			var dec []time.Duration
-			for i := 1; i < len(started); i++ {
-				if !allDone[i-1].IsZero() && !started[i].IsZero() {
-					dec = append(dec, max(0, started[i].Sub(allDone[i-1])))
-				}
-			}
-			if st.Phase != "succeeded" {
-				return st, dec, fmt.Errorf("rollout %s ended %s: %s", id, st.Phase, st.Reason)
-			}
-			return st, dec, nil
+		case "succeeded":
+			return st, nil
+		case "aborted", "rolled-back":
+			return st, fmt.Errorf("rollout %s ended %s: %s", id, st.Phase, st.Reason)
 		}
-		if now.After(deadline) {
-			return st, nil, fmt.Errorf("rollout %s still %s after %s (wave %v)", id, st.Phase, timeout, st.Waves)
+		if time.Now().After(deadline) {
+			return st, fmt.Errorf("rollout %s still %s after %s (wave %v)", id, st.Phase, timeout, st.Waves)
 		}
-		prev, fast = now, near
-		if near {
-			sleep(ctx, pollEvery)
-		} else {
-			sleep(ctx, pollSlow)
-		}
+		sleep(ctx, pollEvery)
 	}
+}
+
+// decisions reads the wave decision latencies the controller recorded
+// for rollout id (every wave's: to the next wave's start, and the last
+// one's to the rollout's end).
+func (c *ctl) decisions(ctx context.Context, id string) ([]time.Duration, error) {
+	var st apiRollout
+	if _, err := c.call(ctx, http.MethodGet, "/v1/rollouts/"+id, nil, &st); err != nil {
+		return nil, err
+	}
+	var out []time.Duration
+	for _, w := range st.Waves {
+		if w.DecisionMs == nil {
+			return out, fmt.Errorf("rollout %s: the controller recorded no decision latency for wave %d", id, w.Index+1)
+		}
+		out = append(out, time.Duration(*w.DecisionMs*float64(time.Millisecond)))
+	}
+	return out, nil
 }
 
 func sleep(ctx context.Context, d time.Duration) {
