@@ -143,8 +143,8 @@ type target struct {
 
 // The targets (issue 9).
 const (
-	targetRollout     = 60 * time.Second
-	targetDecision    = time.Second
+	targetRollout  = 60 * time.Second
+	targetDecision = time.Second
 	// The issue's GB and MB are read as decimal units, the stricter
 	// reading, for all three sizes alike.
 	targetCtlMemory   = 1_000_000_000
