@@ -381,8 +381,25 @@ func TestRolloutSlowVersionStoppedByLatencyGate(t *testing.T) {
 	// after the wave's activations (up to 80 s more than before), and at
 	// load 15 to 25 the wave's ten devices took up to 5m46s to activate.
 	r := f.waitRollout("slow", "stopped", 8*time.Minute, func(r *client.Rollout) bool { return r.Finished() })
-	if r.Phase != "rolled-back" || r.Waves[0].State != "failed" || !strings.Contains(r.Reason, "latency") {
+	// The first wave's gate is expected to fail, but one wave later still
+	// counts: the simulated devices share two cores, and a minute in which
+	// other devices compile the new module (minutes under -race) can slow
+	// the devices outside the wave more than the slow version slows the
+	// wave's (CI, 2026-11-27: wave 1 passed at p95 5.1 against 7.4 ms, wave 2
+	// failed at 9.0 against 1.9 ms). Real devices do not share a CPU.
+	// The latency gate must have stopped the version before the rollout
+	// ended, and every device must be back.
+	failed := -1
+	for i, w := range r.Waves {
+		if w.State == "failed" {
+			failed = i
+		}
+	}
+	if r.Phase != "rolled-back" || failed < 0 || !strings.Contains(r.Reason, "latency") {
 		t.Fatalf("rollout = %+v", r)
+	}
+	if failed > 0 {
+		t.Logf("the latency gate failed the version in wave %d, not the first (see above)", failed+1)
 	}
 	code, out, _ := f.fleetCmd(30*time.Second, "rollout", "get", "slow")
 	if code != 0 || !strings.Contains(out, "gate latency") || !strings.Contains(out, "FAIL") || !strings.Contains(out, "p95Ratio=") ||
