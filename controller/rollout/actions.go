@@ -264,11 +264,12 @@ func (e *Engine) create(ctx context.Context, spec Spec) (string, error) {
 		return "", err
 	}
 	e.advance(ctx, r, now)
+	more := r.more
 	if err := e.commit(ctx, r, now, true); err != nil {
 		e.untrack(r)
 		return "", err
 	}
-	r.wakeAt = e.nextWake(r, now)
+	r.wakeAt = e.wakeAfter(r, now, more)
 	e.log.Info("rollout created", "rollout", r.ro.ID, "model", name, "version", version, "slot", p.spec.Slot, "devices", len(p.targets), "waves", len(r.waves))
 	return r.ro.ID, nil
 }
@@ -355,11 +356,14 @@ func (e *Engine) act(ctx context.Context, id string, a Action) error {
 		return fmt.Errorf("%w: unknown action %q; use pause, resume, approve, abort or rollback", ErrInvalid, a)
 	}
 	e.log.Info("rollout action", "rollout", id, "action", a, "phase", r.ro.Phase)
+	r.more = false
 	e.advance(ctx, r, now)
+	decisions, more, issued := r.decisions, r.more, len(r.desired)
 	if err := e.commit(ctx, r, now, false); err != nil {
 		return err
 	}
-	r.wakeAt = e.nextWake(r, now)
+	e.reportDecisions(ctx, r, decisions, issued)
+	r.wakeAt = e.wakeAfter(r, now, more)
 	return nil
 }
 

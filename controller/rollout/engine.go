@@ -288,10 +288,17 @@ func (e *Engine) step(ctx context.Context, r *run, now time.Time) {
 		return
 	}
 	e.reportDecisions(ctx, r, decisions, issued)
-	r.wakeAt = e.nextWake(r, now)
+	r.wakeAt = e.wakeAfter(r, now, more)
+}
+
+// wakeAfter is when r next needs a look after a commit at now: right
+// away when notify left devices of the running wave for the next commit
+// (more), else nextWake.
+func (e *Engine) wakeAfter(r *run, now time.Time, more bool) time.Time {
 	if more {
-		r.wakeAt = now // the wave's next devices, right after this pass
+		return now
 	}
+	return e.nextWake(r, now)
 }
 
 // reportDecisions records each wave decision of a committed step with its

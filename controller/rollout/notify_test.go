@@ -146,3 +146,20 @@ func (f *fleet) notified(id string, n int) []string {
 	})
 	return out
 }
+
+// TestFirstWaveLargerThanTheBatch: a rollout whose first wave is larger
+// than NotifyBatch, created with the engine otherwise asleep for a minute,
+// notifies the rest of the wave right after the commit that created it,
+// without waiting for news or a timer.
+func TestFirstWaveLargerThanTheBatch(t *testing.T) {
+	clk := &clock{t: lt0}
+	f := newFleet(t, 8, clk.Now)
+	f.start(rollout.Options{Now: clk.Now, MaxSleep: time.Minute, GateInterval: time.Hour, NotifyBatch: 2})
+	id := f.create(`{"name":"big-first","selector":"fleet=t","model":"m@2.0.0",
+		"strategy":{"waves":["50%","100%"],"soak":"0s","deadline":"1h"}}`)
+	start := time.Now()
+	f.notified(id, 4)
+	if took := time.Since(start); took > 10*time.Second {
+		t.Fatalf("the first wave's last devices were notified after %v", took)
+	}
+}
