@@ -45,6 +45,18 @@ func runBroker(t *testing.T, addr string) (*broker.Broker, func()) {
 	return b, stop
 }
 
+// freeAddr returns a loopback address nothing listens on, for a broker
+// that must come back on the same address after a restart.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
 // recorder is a Handler that keeps what it got.
 type recorder struct {
 	mu   sync.Mutex
@@ -245,12 +257,7 @@ func TestPublish(t *testing.T) {
 // subscription) under a connected link: it must reconnect, subscribe
 // again and run OnConnect again.
 func TestReconnectResubscribes(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
+	addr := freeAddr(t)
 	_, stop := runBroker(t, addr)
 	var connects atomic.Int32
 	rec := &recorder{}
@@ -280,12 +287,7 @@ func TestReconnectResubscribes(t *testing.T) {
 // caught it here, where paho reconnects by itself, but the agent's link
 // test did); and every restart must leave publishing working.
 func TestPublishesAcrossBrokerRestarts(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
+	addr := freeAddr(t)
 	_, stop := runBroker(t, addr)
 	var connects atomic.Int32
 	l := runLink(t, Options{Broker: "tcp://" + addr, Handler: &recorder{}, ConnectTimeout: time.Second, PublishTimeout: time.Second,

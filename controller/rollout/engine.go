@@ -200,11 +200,17 @@ func (e *Engine) DeviceChanged(id string) { e.DeviceReported(id, time.Time{}) }
 // decision latency counts from the report that finished it.
 func (e *Engine) DeviceReported(id string, received time.Time) {
 	e.dirtyMu.Lock()
+	e.markDirtyLocked(id, received)
+	e.dirtyMu.Unlock()
+	e.poke()
+}
+
+// markDirtyLocked adds id to the dirty set, keeping the earliest known
+// receive time; dirtyMu is held.
+func (e *Engine) markDirtyLocked(id string, received time.Time) {
 	if at, ok := e.dirty[id]; !ok || at.IsZero() || (!received.IsZero() && received.Before(at)) {
 		e.dirty[id] = received
 	}
-	e.dirtyMu.Unlock()
-	e.poke()
 }
 
 func (e *Engine) poke() {
@@ -529,9 +535,7 @@ func (e *Engine) processDirty(ctx context.Context) {
 			e.log.Error("read device states for rollouts", "devices", len(ids), "err", err)
 			e.dirtyMu.Lock()
 			for _, id := range ids {
-				if _, ok := e.dirty[id]; !ok {
-					e.dirty[id] = dirty[id]
-				}
+				e.markDirtyLocked(id, dirty[id])
 			}
 			e.dirtyMu.Unlock()
 		}
